@@ -41,7 +41,7 @@ nbval.plugin.nbformat = _NotebookReader()
 
 def pytest_collect_file(file_path: Path, parent):
     opt = parent.config.option
-    if (opt.nbval or opt.nbval_lax) and file_path.parent.name in NOTEBOOK_DIRS:
+    if (getattr(opt, "nbval", False) or getattr(opt, "nbval_lax", False)) and file_path.parent.name in NOTEBOOK_DIRS:
         if NOTEBOOK_NAME.match(file_path.name):
             return nbval.plugin.IPyNbFile.from_parent(parent, path=file_path)
     return None

@@ -16,12 +16,14 @@ def _trim(value: float, digits: int) -> str:
     """3 significant digits, without a trailing '.0': 124.4 -> '124', 13.46 -> '13.5'."""
     if value == 0:
         return "0"
+    value = float(f"{value:.{digits - 1}e}")  # round first, so 9.996 -> 10.0, not '10.00'
     decimals = max(0, digits - 1 - int(math.floor(math.log10(abs(value)))))
     return f"{value:.{decimals}f}"
 
 
 def count(n: float, digits: int = 3) -> str:
     """Large counts with a suffix: 124_439_808 -> '124M', 6.7e9 -> '6.70B', 2e12 -> '2.00T'."""
+    n = float(f"{n:.{digits - 1}e}")  # 999_999 rounds to 1.00M, not '1000K'
     for scale, suffix in _PREFIXES:
         if abs(n) >= scale:
             return _trim(n / scale, digits) + suffix
@@ -30,6 +32,7 @@ def count(n: float, digits: int = 3) -> str:
 
 def nbytes(n: float, digits: int = 3) -> str:
     """Bytes with a decimal unit: 1.35e10 -> '13.5 GB'."""
+    n = float(f"{n:.{digits - 1}e}")
     for scale, suffix in _BYTE_PREFIXES:
         if abs(n) >= scale:
             return f"{_trim(n / scale, digits)} {suffix}"
@@ -45,6 +48,6 @@ def flops(n: float, digits: int = 3) -> str:
 def duration(seconds: float) -> str:
     """The largest sensible unit: 90 -> '1.50 min', 3.1e5 -> '3.59 days', 4e7 -> '1.27 years'."""
     for scale, unit in [(365.25 * 86400, "years"), (86400, "days"), (3600, "h"), (60, "min")]:
-        if seconds >= scale:
+        if float(f"{seconds / scale:.2e}") >= 1:
             return f"{_trim(seconds / scale, 3)} {unit}"
     return f"{_trim(seconds, 3)} s"
