@@ -94,3 +94,38 @@ def test_renders_chapter_one_to_pdf(tmp_path):
     # a second build with nothing changed comes from the caches
     assert build_pdf.main(["--chapters", first.stem[:2], "--only", "book",
                            "--out", str(tmp_path)]) == 0
+
+
+def test_failing_cell_names_notebook_and_cell(tmp_path):
+    import nbformat
+    from tqdm import tqdm
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("1 / 0")]
+    with pytest.raises(BuildError) as info, tqdm(disable=True) as bar:
+        build_pdf.execute(nb, "chapters/99_broken.md", tmp_path, timeout=60, progress=bar)
+    message = str(info.value)
+    assert "chapters/99_broken.md" in message and "cell 1" in message
+    assert "ZeroDivisionError" in message and "1 / 0" in message
+
+
+@pytest.mark.skipif(not shutil.which("xelatex"), reason="needs xelatex")
+def test_latex_error_shows_the_log_tail(tmp_path):
+    broken = "\\documentclass{article}\n\\begin{document}\n\\notamacro\n\\end{document}\n"
+    with pytest.raises(BuildError) as info:
+        build_pdf.typeset(broken, {}, "broken", tmp_path, build_pdf.Stats())
+    assert "Undefined control sequence" in str(info.value)
+
+
+def test_notebooks_are_written_once_and_kept(tmp_path, capsys):
+    import nbformat
+
+    build_pdf.write_notebooks(BOOK, tmp_path, force=False)
+    first = tmp_path / "exercises" / f"{BOOK.chapters[0].stem}.ipynb"
+    nb = nbformat.read(first, as_version=4)
+    assert any(build_pdf.STUB in c.source for c in nb.cells if c.cell_type == "code")
+    nb.cells[-1].source += "\n# the reader's work"
+    nbformat.write(nb, first)
+    build_pdf.write_notebooks(BOOK, tmp_path, force=False)
+    assert "# the reader's work" in nbformat.read(first, as_version=4).cells[-1].source
+    assert "kept" in capsys.readouterr().out
