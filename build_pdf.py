@@ -235,8 +235,9 @@ def execute(nb, label: str, workdir: Path, timeout: int, progress) -> None:
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(workdir)}},
     )
     client.on_cell_executed = lambda **kw: progress.update(1)
-    try:
-        client.execute()
+    try:  # the kernel's own chatter goes to a log beside its working files
+        with open(workdir / "kernel.log", "w") as kernel_log:
+            client.execute(stderr=kernel_log)
     except CellTimeoutError as exc:
         raise BuildError(f"{label}: a cell ran longer than {timeout} s ({exc})") from None
     except CellExecutionError:
@@ -272,7 +273,7 @@ def executed_notebook(path: Path, text: str, kind: str, args, stats: Stats, dige
         return nb
     start = time.perf_counter()
     n_code = sum(c.cell_type == "code" for c in nb.cells)
-    with tqdm(total=n_code, desc=f"  {label}", unit="cell", leave=False, file=sys.stdout) as bar:
+    with tqdm(total=n_code, desc=f"  {label}", unit="cell", leave=False, file=sys.stdout, disable=None) as bar:
         execute(nb, label, args.out / "work" / kind, args.timeout, bar)
     seconds = time.perf_counter() - start
     cache_dir.mkdir(parents=True, exist_ok=True)
