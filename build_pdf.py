@@ -500,9 +500,11 @@ def build(args) -> Stats:
         starter_nb = starter_notebook(jupytext.reads(solution_text, fmt="md"),
                                       ch.source("solutions").name)
         metadata = metadata or chapter_nb.metadata
-        book_parts += [_markdown_cells(chapter_nb), exercises_as_section(starter_nb, ch)]
-        ex_parts.append(_markdown_cells(starter_nb))
-        sol_parts.append(_markdown_cells(solution_nb))
+        # chapters keep their number in the book's plan even while earlier ones are unwritten
+        number = [_raw_latex(f"\\setcounter{{chapter}}{{{ch.number - 1}}}")]
+        book_parts += [number, _markdown_cells(chapter_nb), exercises_as_section(starter_nb, ch)]
+        ex_parts += [number, _markdown_cells(starter_nb)]
+        sol_parts += [number, _markdown_cells(solution_nb)]
 
     base = {"title": book.title, "subtitle": book.subtitle, "authors": book.authors,
             "edition": book.edition, "date": date.today().isoformat()}
