@@ -1,0 +1,298 @@
+"""A decoder-only transformer that is GPT-2 or Llama depending on its config.
+
+The model is a stack of identical blocks between an embedding and an output head:
+
+    token ids (B, T) -> tok_emb (+ pos_emb) -> Block x n_layers -> norm_f -> lm_head -> logits (B, T, vocab)
+
+and each block is attention then an MLP, each added back to a residual stream:
+
+    x = x + attn(norm1(x))
+    x = x + mlp(norm2(x))
+
+GPT-2 and Llama differ only in the parts, which ``ModelConfig`` chooses:
+
+                 GPT-2                     Llama
+    positions    learned table (pos_emb)   RoPE inside attention
+    norm         LayerNorm with bias       RMSNorm
+    mlp          GELU, d_ff = 4·d          SwiGLU, d_ff ≈ 8/3·d
+    biases       everywhere                none
+    lm_head      tied to tok_emb           its own matrix
+    k/v heads    one per query head        fewer, in the bigger models (GQA)
+
+Attention, the KV cache and RoPE come from Chapter 4 (``llmbook.attention``,
+``llmbook.rope``), unchanged. The structure follows nanoGPT's ``model.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmbook.attention import KVCache, MultiHeadAttention
+from llmbook.layers import MLP, LayerNorm, RMSNorm, SwiGLU
+from llmbook.planning import ModelShape
+from llmbook.rope import RotaryEmbedding
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64, for faster matmuls
+    context_length: int = 1024  # the most tokens the model sees at once
+    d_model: int = 768  # width of the residual stream
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None: one k/v head per query head; fewer is grouped-query attention
+    d_ff: int | None = None  # None: 4·d_model, GPT-2's choice
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    positions: Literal["learned", "rope"] = "learned"
+    prenorm: bool = True  # False: the original Transformer's norm after each residual addition
+    bias: bool = True  # in every Linear and LayerNorm; Llama has none
+    tied_embeddings: bool = True  # lm_head reuses tok_emb's matrix (GPT-2), saving vocab·d parameters
+    dropout: float = 0.0  # 0 for pretraining on lots of data; 0.1-0.2 for small data sets
+    rope_theta: float = 10000.0  # RoPE's frequency base (Llama 2); only with positions="rope"
+    norm_eps: float = 1e-5  # added to the variance before the square root
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: every head gets "
+                "d_model // n_heads dimensions; choose n_heads that divides d_model"
+            )
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}: each key/value "
+                "head serves a whole group of query heads; choose n_kv_heads that divides n_heads"
+            )
+        if self.d_ff is not None and self.d_ff <= 0:
+            raise ValueError(f"d_ff must be positive (or None for 4·d_model), got {self.d_ff}")
+        choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "positions": ("learned", "rope")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE rotates pairs of dimensions: head_dim={self.head_dim} must be even")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_shape(self, name: str = "model") -> ModelShape:
+        """The Chapter 1 planning view of this model, to count its parameters and size its training."""
+        return ModelShape(
+            name, self.vocab_size, self.context_length, self.d_model, self.n_layers, self.n_heads,
+            self.n_kv_heads, self.d_ff, mlp=self.mlp, norm=self.norm, positions=self.positions,
+            bias=self.bias, tied_embeddings=self.tied_embeddings,
+        )
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ModelConfig:
+        """A copy of ``PRESETS[name]`` with some fields changed: ``preset("gpt-tiny", dropout=0.1)``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _gpt2(vocab_size: int = 50257, context_length: int = 1024, **kw) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, context_length=context_length, **kw)
+
+
+def _llama(**kw) -> ModelConfig:
+    style = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tied_embeddings=False)
+    return ModelConfig(**{**style, **kw})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # OpenAI's GPT-2 family (Radford et al. 2019), loadable with llmbook.hf_convert
+    "gpt2-124M": _gpt2(d_model=768, n_layers=12, n_heads=12),
+    "gpt2-355M": _gpt2(d_model=1024, n_layers=24, n_heads=16),
+    "gpt2-774M": _gpt2(d_model=1280, n_layers=36, n_heads=20),
+    "gpt2-1.5B": _gpt2(d_model=1600, n_layers=48, n_heads=25),
+    # Llama style; both real models use rms_norm_eps 1e-5
+    "llama2-7B": _llama(vocab_size=32000, context_length=4096, d_model=4096, n_layers=32, n_heads=32,
+                        d_ff=11008, norm_eps=1e-5),
+    "tinyllama-1.1B": _llama(vocab_size=32000, context_length=2048, d_model=2048, n_layers=22, n_heads=32,
+                             n_kv_heads=4, d_ff=5632, norm_eps=1e-5),
+    # laptop sizes: tests, the chapter's demos, and the Chapter 7 GPT-vs-Llama comparison (same width and depth)
+    "gpt-tiny": _gpt2(vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4),
+    "shakespeare-char": _gpt2(vocab_size=65, context_length=64, d_model=128, n_layers=4, n_heads=4),
+    "llama-tiny": _llama(vocab_size=256, context_length=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                         d_ff=172),
+    "laptop-gpt": _gpt2(vocab_size=4096, context_length=256, d_model=128, n_layers=4, n_heads=4),  # 1.35M
+    "laptop-llama": _llama(vocab_size=4096, context_length=256, d_model=128, n_layers=4, n_heads=4,
+                           d_ff=344),  # 1.84M: 344 ≈ 8/3·128 matches the GPT MLP's 8·d² per layer
+}
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Block(nn.Module):
+    """One transformer layer: attention (tokens talk to each other), then an MLP (each token thinks alone)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.prenorm = layer, cfg.prenorm  # layer: this block's index, 0 .. n_layers - 1
+        rope = None
+        if cfg.positions == "rope":
+            rope = RotaryEmbedding(cfg.head_dim, max_seq_len=cfg.context_length, theta=cfg.rope_theta)
+        self.norm1 = _norm(cfg)
+        self.attn = MultiHeadAttention(
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, bias=cfg.bias, dropout=cfg.dropout, rope=rope
+        )
+        self.drop = nn.Dropout(cfg.dropout)  # on attention's output, as nanoGPT's resid_dropout
+        self.norm2 = _norm(cfg)
+        if cfg.mlp == "swiglu":
+            self.mlp = SwiGLU(cfg.d_model, cfg.ff_dim, bias=cfg.bias, dropout=cfg.dropout)
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.ff_dim, bias=cfg.bias, dropout=cfg.dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
+        """``(B, T, C) -> (B, T, C)``."""
+        if self.prenorm:
+            # pre-norm (GPT-2, Llama): the residual stream x itself is never normalized, so the
+            # gradient flows straight from the loss to every layer through the additions
+            x = x + self.drop(self.attn(self.norm1(x), cache, mask))
+            return x + self.mlp(self.norm2(x))
+        # post-norm (Vaswani et al. 2017): normalize after each addition; needs warmup to train deep
+        x = self.norm1(x + self.drop(self.attn(x, cache, mask)))
+        return self.norm2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    """The whole language model: token ids ``(B, T)`` in, next-token logits ``(B, T, vocab_size)`` out."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.positions == "learned":
+            self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm_f = _norm(cfg)  # kept with post-norm too, so both variants have the same parameters
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tied_embeddings:
+            # the same matrix maps ids to vectors and vectors to scores of ids (Press & Wolf 2017)
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: each block adds two outputs to the residual stream, so scale those projections down by
+        # sqrt(2·n_layers) to keep the stream's variance from growing with depth
+        resid_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=resid_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> GPT:
+        return cls(ModelConfig.preset(name, **overrides))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, the tied matrix counted once; ``non_embedding`` leaves out tok_emb and pos_emb."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.cfg.positions == "learned":
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def new_caches(
+        self, batch_size: int, max_len: int | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> list[KVCache]:
+        """One empty KV cache per layer, for up to ``max_len`` tokens (default: the context length)."""
+        max_len = self.cfg.context_length if max_len is None else max_len
+        if not 0 < max_len <= self.cfg.context_length:
+            raise ValueError(f"max_len must be in 1..context_length={self.cfg.context_length}, got {max_len}")
+        return [b.attn.new_cache(batch_size, max_len, device, dtype) for b in self.blocks]
+
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, caches: list[KVCache] | None = None,
+        positions: Tensor | None = None, mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits ``(B, T, vocab_size)`` and, given targets ``(B, T)``, the mean cross-entropy loss.
+
+        With ``caches`` (from ``new_caches``), idx holds only the new tokens; they
+        come after the ``caches[0].length`` tokens seen before. ``positions``
+        ``(B, T)`` or ``(T,)`` overrides the learned-embedding positions, which
+        default to ``past + arange(T)``: a left-padded row [pad, pad, a, b] wants
+        [0, 0, 0, 1]. RoPE always rotates by the cache offset instead; it only sees
+        relative distances, so padding is exact once ``mask`` hides the pad keys.
+        ``mask`` is bool, True for real tokens: ``(B, past + T)``, or any shape
+        that broadcasts to ``(B, n_heads, T, past + T)``; the causal mask is added anyway.
+        """
+        B, T = idx.shape  # batch, time
+        cfg = self.cfg
+        if caches is not None and len(caches) != cfg.n_layers:
+            raise ValueError(f"expected one cache per layer ({cfg.n_layers}), got {len(caches)}")
+        past = caches[0].length if caches else 0
+        if past + T > cfg.context_length:
+            raise ValueError(
+                f"{T} new tokens after {past} cached ones make {past + T}, more than the model's "
+                f"context_length={cfg.context_length}; crop the input to the last {cfg.context_length - past}"
+            )
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
+            raise ValueError(
+                f"token ids must be in 0..{cfg.vocab_size - 1} (vocab_size={cfg.vocab_size}), "
+                f"got ids from {int(idx.min())} to {int(idx.max())}"
+            )
+
+        x = self.tok_emb(idx)  # (B, T, C)
+        if cfg.positions == "learned":
+            if positions is None:
+                positions = torch.arange(past, past + T, device=idx.device)  # (T,), shared by the batch
+            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= cfg.context_length):
+                raise ValueError(
+                    f"positions must be in 0..{cfg.context_length - 1}, "
+                    f"got {int(positions.min())}..{int(positions.max())}"
+                )
+            x = x + self.pos_emb(positions)  # (B, T, C) + (T, C) or (B, T, C)
+        x = self.drop(x)
+
+        if mask is not None and mask.dim() == 2:  # (B, T_k) real keys -> (B, 1, 1, T_k): for every head and query
+            if mask.shape != (B, past + T):
+                raise ValueError(f"a 2-D mask must be (B, past + T) = {(B, past + T)}, got {tuple(mask.shape)}")
+            mask = mask[:, None, None, :]
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], mask)  # (B, T, C)
+        x = self.norm_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+
+        loss = None
+        if targets is not None:
+            # predict token t+1 from tokens 0..t at every position at once; -100 marks positions to skip
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss
