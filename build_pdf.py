@@ -198,7 +198,8 @@ def check_data(chapters: list[Chapter]) -> None:
 
 def _src_digest() -> str:
     h = hashlib.sha256()
-    for path in sorted((ROOT / "src").rglob("*")):
+    # the package's sources only: pip's egg-info (which embeds the README) must not invalidate it
+    for path in sorted((ROOT / "src" / "llmbook").rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
             h.update(str(path.relative_to(ROOT)).encode())
             h.update(path.read_bytes())
