@@ -492,3 +492,9 @@ def test_kv_cache_bytes_matches_a_real_cache(dtype):
     assert cache.k.dtype == dtype
     # the whole model: one cache per layer
     assert 12 * cache.nbytes == kv_cache_bytes(12, 2, 8, 50, batch_size=3, bytes_per_value=element)
+
+
+def test_integer_inputs_are_a_clear_error():
+    q = torch.randint(0, 5, (1, 2, 4, 8))
+    with pytest.raises(ValueError, match="floating point"):
+        scaled_dot_product_attention(q, q, q)

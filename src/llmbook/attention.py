@@ -96,6 +96,9 @@ def _check_and_repeat(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if not q.dim() == k.dim() == v.dim() >= 2:
         raise ValueError(f"q, k, v must all be (..., T, head_dim); got {shapes}")
+    if not all(t.is_floating_point() for t in (q, k, v)):
+        dtypes = f"q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        raise ValueError(f"q, k, v must be floating point (use .float() or .bfloat16()); got {dtypes}")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same head_dim to take dot products; got {shapes}")
     if k.shape[:-1] != v.shape[:-1] or q.shape[:-3] != k.shape[:-3]:
