@@ -15,14 +15,7 @@ SMALL = ["gpt-tiny", "llama-tiny"]  # learned positions and RoPE
 NEG = float("-inf")
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    """Seeded; one thread, because tensors this small run ~10x slower when two threads contend for 2 cores."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seed_and_one_thread")  # tests/conftest.py
 
 
 def model_for(name: str) -> GPT:

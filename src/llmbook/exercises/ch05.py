@@ -15,37 +15,10 @@ from torch import Tensor
 
 from llmbook import generate, layers
 from llmbook.exercises import exercise
-
-
-def _random(*shape: int, seed: int) -> Tensor:
-    """Reproducible standard-normal test data, independent of the notebook's RNG state."""
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _returned_tensor(got, name: str, shape: tuple[int, ...], what: str) -> Tensor:
-    """Assert ``got`` is a float tensor of ``shape``; return it as float32."""
-    if got is None:
-        raise AssertionError(f"{name} returned None; did you forget `return`?")
-    if not isinstance(got, Tensor):
-        raise AssertionError(f"{name}({what}) should return a torch.Tensor, got {type(got).__name__}: {got!r:.60}")
-    if tuple(got.shape) != shape:
-        raise AssertionError(f"{name}({what}) should return shape {shape}, got {tuple(got.shape)}")
-    if not got.is_floating_point():
-        raise AssertionError(f"{name}({what}) should return a float tensor, got {got.dtype}")
-    return got.float()
-
-
-def _close(a: Tensor, b: Tensor, atol: float = 1e-5) -> bool:
-    """Equal shapes and values; infinities must match exactly (torch.isclose treats -inf == -inf as close)."""
-    return a.shape == b.shape and bool(torch.allclose(a, b, atol=atol, rtol=1e-4))
-
-
-def _first_hint(got: Tensor, candidates: list[tuple[Tensor, str]]) -> str:
-    """The hint of the first wrong answer that ``got`` matches, or ''."""
-    for wrong, hint in candidates:
-        if _close(got, wrong):
-            return f"; {hint}"
-    return ""
+from llmbook.exercises.tensors import close as _close
+from llmbook.exercises.tensors import first_hint as _first_hint
+from llmbook.exercises.tensors import random_tensor as _random
+from llmbook.exercises.tensors import returned_tensor as _returned_tensor
 
 
 def _unchanged(given: list[Tensor], original: list[Tensor], name: str) -> None:
