@@ -36,12 +36,12 @@ from torch import Tensor, nn
 
 from llmbook.attention import KVCache, MultiHeadAttention
 from llmbook.layers import MLP, LayerNorm, RMSNorm, SwiGLU
-from llmbook.planning import ModelShape
+from llmbook.planning import DerivedSizes, ModelShape
 from llmbook.rope import RotaryEmbedding
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(DerivedSizes):
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64, for faster matmuls
     context_length: int = 1024  # the most tokens the model sees at once
     d_model: int = 768  # width of the residual stream
@@ -85,18 +85,6 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def ff_dim(self) -> int:
-        return 4 * self.d_model if self.d_ff is None else self.d_ff
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
     def to_shape(self, name: str = "model") -> ModelShape:
         """The Chapter 1 planning view of this model, to count its parameters and size its training."""

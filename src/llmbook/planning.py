@@ -24,8 +24,29 @@ from typing import Literal
 # ---------------------------------------------------------------------------
 
 
+class DerivedSizes:
+    """Sizes that follow from a shape's fields; shared by ModelShape and Chapter 5's ModelConfig."""
+
+    n_heads: int
+    n_kv_heads: int | None
+    d_model: int
+    d_ff: int | None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ff_dim(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
 @dataclass(frozen=True)
-class ModelShape:
+class ModelShape(DerivedSizes):
     """The hyperparameters that decide a decoder-only transformer's size.
 
     GPT-2 style: learned positions, LayerNorm with bias, GELU MLP with
@@ -67,18 +88,6 @@ class ModelShape:
             raise ValueError(f"{self.name}: mlp must be gelu|swiglu and norm layernorm|rmsnorm")
         if self.positions not in ("learned", "rope"):
             raise ValueError(f"{self.name}: positions must be 'learned' or 'rope'")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def ff_dim(self) -> int:
-        return 4 * self.d_model if self.d_ff is None else self.d_ff
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
 
 @dataclass(frozen=True)
