@@ -33,8 +33,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from llmbook.attention import KVCache, MultiHeadAttention
+from llmbook.attention import ATTENTION_BACKENDS, KVCache, MultiHeadAttention
 from llmbook.layers import MLP, LayerNorm, RMSNorm, SwiGLU
 from llmbook.planning import DerivedSizes, ModelShape
 from llmbook.rope import RotaryEmbedding
@@ -58,6 +59,7 @@ class ModelConfig(DerivedSizes):
     dropout: float = 0.0  # 0 for pretraining on lots of data; 0.1-0.2 for small data sets
     rope_theta: float = 10000.0  # RoPE's frequency base (Llama 2); only with positions="rope"
     norm_eps: float = 1e-5  # added to the variance before the square root
+    attention: str = "manual"  # a name in llmbook.attention.ATTENTION_BACKENDS: "manual" (Chapter 4), "sdpa", ...
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
@@ -83,6 +85,10 @@ class ModelConfig(DerivedSizes):
             raise ValueError(f"RoPE rotates pairs of dimensions: head_dim={self.head_dim} must be even")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention backend {self.attention!r}; registered: {', '.join(ATTENTION_BACKENDS)}"
+            )
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
 
@@ -150,7 +156,8 @@ class Block(nn.Module):
             rope = RotaryEmbedding(cfg.head_dim, max_seq_len=cfg.context_length, theta=cfg.rope_theta)
         self.norm1 = _norm(cfg)
         self.attn = MultiHeadAttention(
-            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, bias=cfg.bias, dropout=cfg.dropout, rope=rope
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, bias=cfg.bias, dropout=cfg.dropout, rope=rope,
+            backend=cfg.attention,
         )
         self.drop = nn.Dropout(cfg.dropout)  # on attention's output, as nanoGPT's resid_dropout
         self.norm2 = _norm(cfg)
@@ -177,6 +184,8 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # Chapter 7: recompute each block's activations in the backward pass instead of storing them
+        self.activation_checkpointing = False
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.positions == "learned":
             self.pos_emb = nn.Embedding(cfg.context_length, cfg.d_model)
@@ -274,8 +283,14 @@ class GPT(nn.Module):
             if mask.shape != (B, past + T):
                 raise ValueError(f"a 2-D mask must be (B, past + T) = {(B, past + T)}, got {tuple(mask.shape)}")
             mask = mask[:, None, None, :]
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i], mask)  # (B, T, C)
+            cache = None if caches is None else caches[i]
+            if recompute and cache is None:
+                # keep only the block's input; its inner activations are recomputed during backward
+                x = checkpoint(block, x, None, mask, use_reentrant=False)
+            else:
+                x = block(x, cache, mask)  # (B, T, C)
         x = self.norm_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
 
