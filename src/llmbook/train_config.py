@@ -1,0 +1,230 @@
+"""What decides a training run: ``TrainConfig``, its checks, its presets, and config files.
+
+A run is fully described by this dataclass, so it is what ``config.json`` in a
+run folder holds, what ``python -m llmbook.train --config`` reads (a preset
+name or a .toml/.json file, then ``--set key=value`` overrides), and what the
+reference model's cache folder is named after (``llmbook.pretrained``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmbook import loader
+from llmbook.model import PRESETS, ModelConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_SET_ELSEWHERE = {"vocab_size": "the tokenizer", "context_length": "TrainConfig.context_length"}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; ``config.json`` in the run folder is this, as JSON."""
+
+    name: str = "run"  # the run folder's name under --out
+    model: str = "laptop-llama"  # a ModelConfig preset name
+    model_overrides: dict = field(default_factory=dict)  # e.g. {"d_model": 192, "attention": "sdpa"}
+    dataset: str = "tinyshakespeare"  # registry name or path to a .txt
+    tokenizer: str = "bytes"  # "bytes" | "bpe-<V>" | "gpt2"
+    val_fraction: float = 0.1  # the last 10% of the text, as nanoGPT
+    batch_size: int = 12  # sequences per micro-batch
+    context_length: int = 64  # overrides the preset's
+    accumulation_steps: int = 1  # micro-batches per optimizer step: batch_size·accumulation_steps sequences
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 1e-3  # peak
+    warmup_steps: int | None = None  # None: 2% of max_steps
+    decay_steps: int | None = None  # None: max_steps
+    min_lr_ratio: float = 0.1  # the floor after the cosine, as a fraction of the peak
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99  # 0.99 rather than Adam's 0.999: small batches, noisy gradients (nanoGPT's choice)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0: no clipping
+    precision: str = "fp32"  # "fp32" | "bf16" (CPU or CUDA autocast) | "fp16" (CUDA only, GradScaler)
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more time
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    threads: int | None = None  # torch.set_num_threads on CPU
+    eval_interval: int = 250  # and at the first and last step; 0: only at the end
+    eval_batches: int | None = None  # None: the whole validation split
+    eval_batch_size: int = 64
+    log_interval: int = 10  # a metrics record (and the only loss .item() sync) every this many steps
+    checkpoint_interval: int = 0  # 0: only at the end (and whenever training stops)
+    sample_tokens: int = 200  # a sample at each eval (at most what fits in the context); 0: none
+    sample_prompt: str = "\n"
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\"):
+            raise ValueError(f"name must be a plain folder name (no slashes), got {self.name!r}")
+        if self.model not in PRESETS:
+            raise ValueError(f"unknown model preset {self.model!r}; choose one of {', '.join(PRESETS)}")
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        for key in self.model_overrides:
+            if key in _SET_ELSEWHERE:
+                raise ValueError(f"model_overrides cannot set {key}: it comes from {_SET_ELSEWHERE[key]}")
+            if key not in model_fields:
+                raise ValueError(f"model_overrides: {key!r} is not a ModelConfig field; valid: {sorted(model_fields)}")
+        loader.check_tokenizer_name(self.tokenizer)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be strictly between 0 and 1, got {self.val_fraction}")
+        for name in ("batch_size", "context_length", "accumulation_steps", "max_steps", "eval_batch_size",
+                     "log_interval", "eval_batches", "threads"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        for name in ("eval_interval", "checkpoint_interval", "sample_tokens", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.eps <= 0:
+            raise ValueError(f"lr and eps must be positive, got lr={self.lr}, eps={self.eps}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup < 0 or self.decay < self.warmup:
+            raise ValueError(
+                f"need 0 <= warmup_steps <= decay_steps, got warmup {self.warmup} and decay {self.decay}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        try:
+            device = torch.device(self.resolved_device)
+        except RuntimeError:
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
+        if self.precision == "fp16" and device.type != "cuda":
+            raise ValueError("precision='fp16' needs a CUDA GPU (its GradScaler); use 'bf16' on a CPU")
+        if self.sample_tokens and not self.sample_prompt:
+            raise ValueError("sample_prompt must not be empty when sample_tokens > 0 (the model needs a first token)")
+        self.model_config(256)  # the preset with these overrides must be a valid model
+
+    def _check_types(self) -> None:
+        """"max_steps=abc" on the command line should fail here, with the field's name, not deep in training."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # lr=1 and lr=1.0 are the same run (and the same cache hash)
+                setattr(self, f.name, value)
+            if not any(value is None if t is type(None) else type(value) is t for t in allowed):
+                want = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+                raise ValueError(f"{f.name} must be {want}, got {value!r}")
+
+    @property
+    def warmup(self) -> int:
+        return round(0.02 * self.max_steps) if self.warmup_steps is None else self.warmup_steps
+
+    @property
+    def decay(self) -> int:
+        return self.max_steps if self.decay_steps is None else self.decay_steps
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.context_length * self.accumulation_steps
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The model preset with the overrides, this run's context length, and a vocabulary for ``vocab_size`` ids.
+
+        Above 256 the vocabulary is padded up to a multiple of 64 (1000 -> 1024,
+        GPT-2's 50257 -> 50304): matrix multiplies run faster on round sizes,
+        and the extra rows are tokens that never occur.
+        """
+        padded = vocab_size if vocab_size <= 256 else 64 * math.ceil(vocab_size / 64)
+        return ModelConfig.preset(self.model, **{**self.model_overrides, "vocab_size": padded,
+                                                 "context_length": self.context_length})
+
+    # ------------------------------------------------------------------ files and the command line
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(_field_names())}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """A config from a ``.toml`` or ``.json`` file (the run folder's ``config.json`` works too)."""
+        return cls.from_dict(_read_config_file(Path(path)))
+
+    @classmethod
+    def resolve(cls, spec: str, overrides: list[str] = ()) -> TrainConfig:
+        """A preset name or a file, then ``key=value`` overrides: ``resolve("tiny", ["lr=3e-3", "name=fast"])``.
+
+        Values are parsed as JSON (``3e-3``, ``null``, ``true``, ``{"d_model": 96}``),
+        anything else is a string. ``model_overrides.KEY=VALUE`` sets one model field.
+        """
+        if spec in TRAIN_PRESETS:
+            values = asdict(TRAIN_PRESETS[spec])
+        elif Path(spec).suffix in (".toml", ".json") or Path(spec).exists():
+            values = _read_config_file(Path(spec))
+        else:
+            presets = ", ".join(TRAIN_PRESETS)
+            raise ValueError(f"unknown config {spec!r}: give a preset ({presets}) or a .toml/.json file")
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"overrides are key=value, got {item!r}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            if key.startswith("model_overrides."):
+                values.setdefault("model_overrides", {})[key.removeprefix("model_overrides.")] = value
+            elif key in _field_names():
+                values[key] = value
+            else:
+                raise ValueError(f"unknown setting {key!r}; valid: {', '.join(_field_names())}")
+        return cls.from_dict(values)
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _read_config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; give a preset name ({', '.join(TRAIN_PRESETS)}) "
+                                "or the path to a .toml/.json file")
+    if path.suffix == ".toml":
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    if path.suffix == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    raise ValueError(f"{path}: a config file must end in .toml or .json")
+
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {
+    # the book's reference model (llmbook.pretrained.load("shakespeare")); PLACEHOLDER values until tuned
+    "shakespeare": TrainConfig(
+        name="shakespeare", model="laptop-llama", model_overrides={"attention": "sdpa"}, tokenizer="bpe-1024",
+        batch_size=16, context_length=128, max_steps=2000, lr=2e-3, eval_interval=200,
+    ),
+    # nanoGPT's CPU baseline for shakespeare_char (its README), with byte tokens instead of its 65 characters
+    "shakespeare-nanogpt": TrainConfig(
+        name="shakespeare-nanogpt", model="shakespeare-char", model_overrides={"dropout": 0.0}, tokenizer="bytes",
+        context_length=64, batch_size=12, lr=1e-3, max_steps=7000, warmup_steps=100, min_lr_ratio=0.1,
+        beta2=0.99, weight_decay=0.1, eval_interval=500,
+    ),
+    # seconds: tests and a smoke test of the command line; one thread, as tensors this small only lose by sharing
+    "tiny": TrainConfig(
+        name="tiny", model="gpt-tiny", tokenizer="bytes", context_length=32, batch_size=4, max_steps=20,
+        eval_interval=10, eval_batches=4, log_interval=5, sample_tokens=24, threads=1,
+    ),
+}
