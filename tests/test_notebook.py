@@ -8,6 +8,10 @@ from llmbook.notebook import Table, latex_escape, machine_summary, show
 from llmbook.seeding import seed_everything
 
 
+def test_latex_escape_renders_code_spans():
+    assert latex_escape("the `TRAIN_PRESETS` recipe, 5%") == r"the \texttt{TRAIN\_PRESETS} recipe, 5\%"
+
+
 def test_latex_escape_keeps_math():
     assert latex_escape("50% of $x_1$ & more_") == r"50\% of $x_1$ \& more\_"
 

@@ -82,13 +82,24 @@ _LATEX_SPECIALS = {
 
 
 def latex_escape(text: str) -> str:
-    """Escape LaTeX specials outside ``$...$`` math, so captions may contain math."""
-    parts = re.split(r"(\$[^$]+\$)", str(text))
-    return "".join(
-        part if part.startswith("$") and part.endswith("$") and len(part) > 1
-        else "".join(_LATEX_SPECIALS.get(ch, ch) for ch in part)
-        for part in parts
-    )
+    """Escape LaTeX specials outside ``$...$`` math, so captions may contain math and `code`.
+
+    Markdown code spans become ``\texttt{...}``, as pandoc renders them in the
+    prose, instead of printing their backticks.
+    """
+
+    def plain(part: str) -> str:
+        return "".join(_LATEX_SPECIALS.get(ch, ch) for ch in part)
+
+    out = []
+    for part in re.split(r"(\$[^$]+\$|`[^`]+`)", str(text)):
+        if len(part) > 1 and part[0] == part[-1] == "$":
+            out.append(part)
+        elif len(part) > 1 and part[0] == part[-1] == "`":
+            out.append(r"\texttt{" + plain(part[1:-1]) + "}")
+        else:
+            out.append(plain(part))
+    return "".join(out)
 
 
 class Table:
