@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -59,6 +60,20 @@ def test_every_chapter_has_enough_exercises():
         quiz = text.count("\n## Question ")
         assert coding >= 2 and coding + quiz >= 5, ch.stem
         assert text.count('tags=["answer"]') >= quiz, f"{ch.stem}: every question needs an answer"
+
+
+def test_labels_are_unique_and_every_reference_resolves():
+    """One book, one LaTeX namespace: a label used twice makes \\ref point at the wrong figure."""
+    defined: dict[str, str] = {}
+    referenced: set[tuple[str, str]] = set()
+    for ch in BOOK.chapters:
+        text = ch.source("chapters").read_text()
+        for label in re.findall(r'label="([\w-]+)"', text) + re.findall(r"\{#([\w-]+)\}", text):
+            assert label not in defined, f"label {label!r} is defined in {defined[label]} and {ch.stem}"
+            defined[label] = ch.stem
+        referenced |= {(ch.stem, ref) for ref in re.findall(r"\]\(#([\w-]+)\)", text)}
+    missing = sorted((stem, ref) for stem, ref in referenced if ref not in defined)
+    assert not missing, f"references to labels that no chapter defines: {missing}"
 
 
 def test_unknown_chapter_selection_is_an_error():
