@@ -62,19 +62,7 @@ class ModelConfig(DerivedSizes):
     attention: str = "manual"  # a name in llmbook.attention.ATTENTION_BACKENDS: "manual" (Chapter 4), "sdpa", ...
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: every head gets "
-                "d_model // n_heads dimensions; choose n_heads that divides d_model"
-            )
-        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
-            raise ValueError(
-                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}: each key/value "
-                "head serves a whole group of query heads; choose n_kv_heads that divides n_heads"
-            )
+        self.check_sizes()
         if self.d_ff is not None and self.d_ff <= 0:
             raise ValueError(f"d_ff must be positive (or None for 4·d_model), got {self.d_ff}")
         choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"), "positions": ("learned", "rope")}

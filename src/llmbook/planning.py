@@ -25,11 +25,14 @@ from typing import Literal
 
 
 class DerivedSizes:
-    """Sizes that follow from a shape's fields; shared by ModelShape and Chapter 5's ModelConfig."""
+    """Sizes that follow from a shape's fields, and the rules they obey; for ModelShape and ModelConfig."""
 
+    vocab_size: int
+    context_length: int
+    d_model: int
+    n_layers: int
     n_heads: int
     n_kv_heads: int | None
-    d_model: int
     d_ff: int | None
 
     @property
@@ -43,6 +46,22 @@ class DerivedSizes:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def check_sizes(self, prefix: str = "") -> None:
+        """The size rules every shape obeys, checked once for both classes; ``prefix`` names the shape in errors."""
+        for attr in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
+            if getattr(self, attr) <= 0:
+                raise ValueError(f"{prefix}{attr} must be positive, got {getattr(self, attr)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"{prefix}d_model={self.d_model} is not divisible by n_heads={self.n_heads}: every head gets "
+                "d_model // n_heads dimensions; choose n_heads that divides d_model"
+            )
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"{prefix}n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}: each key/value "
+                "head serves a whole group of query heads; choose n_kv_heads that divides n_heads"
+            )
 
 
 @dataclass(frozen=True)
@@ -71,19 +90,7 @@ class ModelShape(DerivedSizes):
     tied_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        for attr in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
-            if getattr(self, attr) <= 0:
-                raise ValueError(f"{self.name}: {attr} must be positive, got {getattr(self, attr)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"{self.name}: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                "pick n_heads that divides d_model so every head has the same width"
-            )
-        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
-            raise ValueError(
-                f"{self.name}: n_heads={self.n_heads} must be a multiple of "
-                f"n_kv_heads={self.kv_heads} (each K/V head serves a whole group of query heads)"
-            )
+        self.check_sizes(f"{self.name}: ")
         if self.mlp not in ("gelu", "swiglu") or self.norm not in ("layernorm", "rmsnorm"):
             raise ValueError(f"{self.name}: mlp must be gelu|swiglu and norm layernorm|rmsnorm")
         if self.positions not in ("learned", "rope"):
