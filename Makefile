@@ -12,7 +12,7 @@ APT_PACKAGES := texlive-xetex texlive-fonts-recommended texlive-plain-generic \
 book: $(STAMP) tex          ## execute every chapter and build build/{book,exercises,solutions}.pdf
 	$(PY) build_pdf.py $(ARGS)
 
-test: $(STAMP) tex          ## unit tests, exercise checks, nbval on every notebook, a PDF build
+test: $(STAMP) tex          ## unit tests, exercise checks, every notebook executed once (cached for the book), a PDF build
 	$(PY) -m pytest $(ARGS)
 
 venv: $(STAMP)
@@ -50,5 +50,6 @@ lock: $(STAMP)
 	$(VENV)/bin/pip install --quiet -e '.[book]'
 	$(PY) book/lock.py
 
+# Removes build outputs only: notebooks/ holds the reader's exercise work and is never deleted here.
 clean:
-	rm -rf build notebooks
+	rm -rf build

@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class BuildError(Exception):
 class Chapter:
     stem: str
     data: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)  # llmbook.pretrained models trained before execution
 
     def source(self, kind: str) -> Path:
         return ROOT / kind / f"{self.stem}.md"
@@ -70,7 +72,7 @@ class Book:
 
 def load_book(path: Path = BOOK_DIR / "book.toml") -> Book:
     meta = tomllib.loads(path.read_text())
-    chapters = [Chapter(c["stem"], list(c.get("data", []))) for c in meta["chapters"]]
+    chapters = [Chapter(c["stem"], list(c.get("data", [])), list(c.get("models", []))) for c in meta["chapters"]]
     for ch in chapters:
         for kind in ("chapters", "solutions"):
             if not ch.source(kind).is_file():
@@ -226,23 +228,54 @@ def _describe_failure(nb, label: str) -> str:
     return f"{label}: execution failed"
 
 
-def execute(nb, label: str, workdir: Path, timeout: int, progress) -> None:
+def execute(nb, label: str, workdir: Path, timeout: int | None, progress) -> None:
     """Run every cell in a fresh kernel; a failing cell raises BuildError naming it."""
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
 
     workdir.mkdir(parents=True, exist_ok=True)
     client = NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(workdir)}},
+        nb, timeout=timeout or None, kernel_name="python3", resources={"metadata": {"path": str(workdir)}},
     )
     client.on_cell_executed = lambda **kw: progress.update(1)
     try:  # the kernel's own chatter goes to a log beside its working files
         with open(workdir / "kernel.log", "w") as kernel_log:
             client.execute(stderr=kernel_log)
     except CellTimeoutError as exc:
-        raise BuildError(f"{label}: a cell ran longer than {timeout} s ({exc})") from None
+        raise BuildError(f"{label}: a cell ran longer than {timeout} s ({exc}); on a busy machine rerun with "
+                         f"a longer limit (--timeout SECONDS, or {ENV_TIMEOUT}=SECONDS; 0 for none): "
+                         "finished notebooks come from the cache") from None
     except CellExecutionError:
         raise BuildError(_describe_failure(nb, label)) from None
+
+
+ENV_TIMEOUT = "LLMBOOK_CELL_TIMEOUT"
+DEFAULT_TIMEOUT = 900  # seconds per cell; training the reference models happens before, outside any cell
+
+
+def default_timeout() -> int:
+    value = os.environ.get(ENV_TIMEOUT, "")
+    try:
+        return int(value) if value else DEFAULT_TIMEOUT
+    except ValueError:
+        raise BuildError(f"{ENV_TIMEOUT}={value!r} is not a whole number of seconds (0 means no limit)") from None
+
+
+def ensure_models(names: list[str], progress: bool = True) -> None:
+    """Train (or resume) the cached reference models a notebook loads, here, not under a cell's timeout.
+
+    A chapter's ``pretrained.load(name)`` then only reads the cache. Training
+    checkpoints as it goes, so a build stopped during it resumes where it was.
+    """
+    if not names:
+        return
+    from llmbook import pretrained
+
+    for name in names:
+        if hasattr(pretrained, "ensure"):
+            pretrained.ensure(name, progress=progress)
+        else:
+            pretrained.load(name, progress=progress)
 
 
 @dataclass
@@ -251,40 +284,105 @@ class Stats:
     cached: int = 0
     unexecuted: int = 0
     pages: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # label -> execution time of the notebook
 
 
-def executed_notebook(path: Path, text: str, kind: str, args, stats: Stats, digest: str):
-    """The executed notebook for ``text``, from the cache when its key matches."""
+EXECUTION_KEY = "llmbook_execution"  # notebook metadata: how long the cached execution took, where and when
+
+
+def cached_path(cache_dir: Path, kind: str, path: Path, text: str, digest: str) -> Path:
+    return cache_dir / f"{kind}-{path.stem}-{cache_key(text, digest)}.ipynb"
+
+
+def run_notebook(path: Path, kind: str, *, cache_dir: Path, work_dir: Path, digest: str | None = None,
+                 force: bool = False, timeout: int | None = None, models: list[str] = (),
+                 progress: bool = True):
+    """The executed notebook of ``path`` and whether it came from the cache: ``(nb, cached)``.
+
+    One execution serves the tests and the PDFs: ``make test`` and ``make book``
+    both call this, and the second finds the first's result under the same key
+    (the notebook's text, the package's sources and the lock file). Only a
+    notebook that executed without error is cached, written atomically, so a
+    build or test run stopped half-way keeps every finished notebook.
+    """
     import jupytext
     import nbformat
     from tqdm import tqdm
 
-    cache_dir = args.out / "cache"
-    key = cache_key(text, digest)
-    cached = cache_dir / f"{kind}-{path.stem}-{key}.ipynb"
-    label = f"{kind}/{path.name}"
-    if cached.exists() and not args.force:
-        stats.cached += 1
-        print(f"  {label:42s} cache hit")
-        return nbformat.read(cached, as_version=4)
+    digest = digest or _src_digest()
+    text = path.read_text()
+    cached = cached_path(cache_dir, kind, path, text, digest)
+    if cached.exists() and not force:
+        return nbformat.read(cached, as_version=4), True
+    ensure_models(list(models), progress=progress)
     nb = jupytext.reads(text, fmt="md")
+    label = f"{kind}/{path.name}"
+    n_code = sum(c.cell_type == "code" for c in nb.cells)
+    start = time.perf_counter()
+    with tqdm(total=n_code, desc=f"  {label}", unit="cell", leave=False, file=sys.stdout,
+              disable=None if progress else True) as bar:
+        execute(nb, label, work_dir / kind, default_timeout() if timeout is None else timeout, bar)
+    nb.metadata[EXECUTION_KEY] = {"seconds": round(time.perf_counter() - start, 1), "cores": os.cpu_count(),
+                                  "date": date.today().isoformat()}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{cached.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            nbformat.write(nb, f)
+        os.replace(tmp, cached)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for old in cache_dir.glob(f"{kind}-{path.stem}-*.ipynb"):
+        if old != cached:
+            old.unlink(missing_ok=True)
+    return nb, False
+
+
+def executed_in_build(path: Path, kind: str, fresh: bool = False, progress: bool = False):
+    """``(nb, cached)`` for ``path`` through build/ (its cache), as ``make book`` would execute it.
+
+    The tests (conftest.py's notebook items, tests/test_exercises.py) call this,
+    so the notebooks they execute are the ones the PDFs are rendered from.
+    """
+    stems = {ch.stem: ch for ch in load_book().chapters}
+    models = stems[path.stem].models if path.stem in stems else []
+    return run_notebook(path, kind, cache_dir=ROOT / "build" / "cache", work_dir=ROOT / "build" / "work",
+                        force=fresh, models=models, progress=progress)
+
+
+def execution_seconds(nb) -> float | None:
+    return nb.metadata.get(EXECUTION_KEY, {}).get("seconds")
+
+
+def executed_notebook(chapter: Chapter, kind: str, args, stats: Stats, digest: str):
+    """The executed notebook of ``chapter``'s ``kind``, from the cache when its key matches."""
+    import jupytext
+
+    path = chapter.source(kind)
+    label = f"{kind}/{path.name}"
+    cache_dir = args.cache or args.out / "cache"
     if args.no_execute:
+        cached = cached_path(cache_dir, kind, path, path.read_text(), digest)
+        if cached.exists():
+            import nbformat
+
+            stats.cached += 1
+            print(f"  {label:42s} cache hit")
+            return nbformat.read(cached, as_version=4)
         stats.unexecuted += 1
         print(f"  {label:42s} not executed (--no-execute, no cache)")
-        return nb
-    start = time.perf_counter()
-    n_code = sum(c.cell_type == "code" for c in nb.cells)
-    with tqdm(total=n_code, desc=f"  {label}", unit="cell", leave=False, file=sys.stdout, disable=None) as bar:
-        execute(nb, label, args.out / "work" / kind, args.timeout, bar)
-    seconds = time.perf_counter() - start
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for old in cache_dir.glob(f"{kind}-{path.stem}-*.ipynb"):
-        old.unlink()
-    tmp = cached.with_suffix(".tmp")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, cached)
-    stats.executed += 1
-    print(f"  {label:42s} executed in {seconds:.1f} s")
+        return jupytext.reads(path.read_text(), fmt="md")
+    nb, hit = run_notebook(path, kind, cache_dir=cache_dir, work_dir=args.out / "work", digest=digest,
+                           force=args.force, timeout=args.timeout, models=chapter.models)
+    seconds = execution_seconds(nb)
+    stats.seconds[label] = seconds or 0.0
+    if hit:
+        stats.cached += 1
+        print(f"  {label:42s} cache hit (executed in {seconds} s when cached)")
+    else:
+        stats.executed += 1
+        print(f"  {label:42s} executed in {seconds:.1f} s")
     return nb
 
 
@@ -459,7 +557,10 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="+", choices=["book", "exercises", "solutions"],
                    default=["book", "exercises", "solutions"], help="which PDFs to render")
     p.add_argument("--out", type=Path, default=ROOT / "build", help="output folder (default build/)")
-    p.add_argument("--timeout", type=int, default=900, help="seconds allowed per cell")
+    p.add_argument("--timeout", type=int, default=None,
+                   help=f"seconds allowed per cell (default {DEFAULT_TIMEOUT}, or ${ENV_TIMEOUT}; 0: no limit)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="folder of executed notebooks (default OUT/cache); `make test` fills build/cache")
     p.add_argument("--starters", action="store_true", help="regenerate exercises/ and exit")
     p.add_argument("--notebooks", type=Path, metavar="DIR", help="write .ipynb copies and exit")
     return p.parse_args(argv)
@@ -493,11 +594,9 @@ def build(args) -> Stats:
     book_parts, ex_parts, sol_parts, metadata = [], [], [], None
     for i, ch in enumerate(chapters, start=1):
         print(f"[{i}/{len(chapters)}] Chapter {ch.number}: {ch.stem}")
-        chapter_nb = executed_notebook(
-            ch.source("chapters"), ch.source("chapters").read_text(), "chapters", args, stats, digest)
+        chapter_nb = executed_notebook(ch, "chapters", args, stats, digest)
         solution_text = ch.source("solutions").read_text()
-        solution_nb = executed_notebook(
-            ch.source("solutions"), solution_text, "solutions", args, stats, digest)
+        solution_nb = executed_notebook(ch, "solutions", args, stats, digest)
         starter_nb = starter_notebook(jupytext.reads(solution_text, fmt="md"),
                                       ch.source("solutions").name)
         metadata = metadata or chapter_nb.metadata
@@ -523,15 +622,18 @@ def build(args) -> Stats:
         typeset(tex, resources.get("outputs", {}), name, args.out, stats)
 
     pdfs = ", ".join(f"{n}.pdf ({stats.pages.get(n, 0)} pages)" for n in args.only)
+    executed_s = sum(stats.seconds.values())
     print(f"Built {pdfs} in {args.out} in {time.perf_counter() - started:.1f} s; "
           f"notebooks: {stats.executed} executed, {stats.cached} from cache"
-          + (f", {stats.unexecuted} unexecuted" if stats.unexecuted else ""))
+          + (f", {stats.unexecuted} unexecuted" if stats.unexecuted else "")
+          + f" (their executions took {executed_s:.0f} s in all)")
     return stats
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.out = args.out.resolve()
+    args.cache = args.cache.resolve() if args.cache else None
     try:
         book = load_book()
         if args.starters:
@@ -547,6 +649,8 @@ def main(argv=None) -> int:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to continue; finished notebooks come from the cache",
+              file=sys.stderr)
         return 130
 
 

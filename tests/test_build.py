@@ -95,8 +95,9 @@ TOOLS = all(shutil.which(t) for t in ("xelatex", "pandoc", "pdftotext"))
 def test_renders_chapter_one_to_pdf(tmp_path):
     """Execute Chapter 1, render the book PDF and read its text back."""
     first = BOOK.chapters[0]
+    cache = str(build_pdf.ROOT / "build" / "cache")  # the notebooks the other tests execute: nothing runs twice
     assert build_pdf.main(["--chapters", first.stem[:2], "--only", "book", "solutions",
-                           "--out", str(tmp_path)]) == 0
+                           "--out", str(tmp_path), "--cache", cache]) == 0
     text = subprocess.run(["pdftotext", str(tmp_path / "book.pdf"), "-"],
                           capture_output=True, text=True, check=True).stdout
     assert BOOK.title.split()[0] in text
@@ -108,7 +109,7 @@ def test_renders_chapter_one_to_pdf(tmp_path):
     assert "Answer" in solutions and "all checks passed" in solutions
     # a second build with nothing changed comes from the caches
     assert build_pdf.main(["--chapters", first.stem[:2], "--only", "book",
-                           "--out", str(tmp_path)]) == 0
+                           "--out", str(tmp_path), "--cache", cache]) == 0
 
 
 def test_failing_cell_names_notebook_and_cell(tmp_path):
@@ -144,3 +145,48 @@ def test_notebooks_are_written_once_and_kept(tmp_path, capsys):
     build_pdf.write_notebooks(BOOK, tmp_path, force=False)
     assert "# the reader's work" in nbformat.read(first, as_version=4).cells[-1].source
     assert "kept" in capsys.readouterr().out
+
+
+def test_a_stopped_build_keeps_what_finished(tmp_path):
+    """A rerun after a failure (or Ctrl-C) executes only what did not finish; the cache is shared by key."""
+    good, bad = tmp_path / "chapters" / "01_good.md", tmp_path / "chapters" / "02_bad.md"
+    good.parent.mkdir()
+    good.write_text("```python\nprint(6 * 7)\n```\n")
+    bad.write_text("```python\nraise RuntimeError('stopped half-way')\n```\n")
+    run = dict(cache_dir=tmp_path / "cache", work_dir=tmp_path / "work", digest="d", progress=False)
+    nb, cached = build_pdf.run_notebook(good, "chapters", **run)
+    assert not cached and "42" in nb.cells[0].outputs[0]["text"]
+    assert build_pdf.execution_seconds(nb) is not None
+    with pytest.raises(BuildError, match="stopped half-way"):
+        build_pdf.run_notebook(bad, "chapters", **run)
+    assert not list((tmp_path / "cache").glob("chapters-02_bad-*")), "a failed notebook must not be cached"
+    bad.write_text("```python\nprint('fixed')\n```\n")
+    assert build_pdf.run_notebook(good, "chapters", **run)[1], "the finished notebook must come from the cache"
+    assert not build_pdf.run_notebook(bad, "chapters", **run)[1]
+    good.write_text("```python\nprint(6 * 9)\n```\n")  # a changed text is a new key
+    assert not build_pdf.run_notebook(good, "chapters", **run)[1]
+    assert len(list((tmp_path / "cache").glob("chapters-01_good-*"))) == 1, "the stale execution is replaced"
+
+
+def test_cell_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(build_pdf.ENV_TIMEOUT, "0")
+    assert build_pdf.default_timeout() == 0
+    monkeypatch.setenv(build_pdf.ENV_TIMEOUT, "soon")
+    with pytest.raises(BuildError, match="whole number of seconds"):
+        build_pdf.default_timeout()
+
+
+def test_chapters_declare_the_models_they_load():
+    """A chapter that loads a reference model lists it, so the build trains it outside any cell timeout."""
+    for ch in BOOK.chapters:
+        for kind in ("chapters", "solutions"):
+            loaded = set(re.findall(r"pretrained\.load\(\s*[\"']([\w-]+)[\"']", ch.source(kind).read_text()))
+            assert loaded <= set(ch.models), f"{ch.stem}: add models = {sorted(loaded)} to book/book.toml"
+
+
+def test_make_clean_keeps_the_readers_notebooks():
+    if not shutil.which("make"):
+        pytest.skip("needs make")
+    recipe = subprocess.run(["make", "-n", "clean"], cwd=build_pdf.ROOT, capture_output=True, text=True,
+                            check=True).stdout
+    assert "rm -rf build" in recipe and "notebooks" not in recipe
