@@ -190,3 +190,11 @@ def test_make_clean_keeps_the_readers_notebooks():
     recipe = subprocess.run(["make", "-n", "clean"], cwd=build_pdf.ROOT, capture_output=True, text=True,
                             check=True).stdout
     assert "rm -rf build" in recipe and "notebooks" not in recipe
+
+
+def test_how_to_use_says_where_the_data_comes_from_and_how_to_run_without_tex():
+    text = (build_pdf.BOOK_DIR / "how_to_use.md").read_text()
+    for needed in ("LLMBOOK_DATA_DIR", "python -m llmbook.data fetch", "make notebooks", "needs no TeX"):
+        assert needed in text, f"book/how_to_use.md must mention {needed!r}"
+    rule = re.search(r"^notebooks:(.*)$", (build_pdf.ROOT / "Makefile").read_text(), re.M)
+    assert rule and "tex" not in rule.group(1).split("#")[0], "`make notebooks` must not need TeX"
