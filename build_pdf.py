@@ -245,8 +245,10 @@ def execute(nb, label: str, workdir: Path, timeout: int | None, progress) -> Non
         raise BuildError(f"{label}: a cell ran longer than {timeout} s ({exc}); on a busy machine rerun with "
                          f"a longer limit (--timeout SECONDS, or {ENV_TIMEOUT}=SECONDS; 0 for none): "
                          "finished notebooks come from the cache") from None
-    except CellExecutionError:
-        raise BuildError(_describe_failure(nb, label)) from None
+    except CellExecutionError as exc:
+        error = BuildError(_describe_failure(nb, label))
+        error.details = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # the cell's traceback, for the tests' report
+        raise error from None
 
 
 ENV_TIMEOUT = "LLMBOOK_CELL_TIMEOUT"
@@ -272,10 +274,16 @@ def ensure_models(names: list[str], progress: bool = True) -> None:
     from llmbook import pretrained
 
     for name in names:
-        if hasattr(pretrained, "ensure"):
-            pretrained.ensure(name, progress=progress)
-        else:
-            pretrained.load(name, progress=progress)
+        try:
+            if hasattr(pretrained, "ensure"):
+                pretrained.ensure(name, progress=progress)
+            else:
+                pretrained.load(name, progress=progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one line that names the model; the training keeps its checkpoint
+            message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else repr(exc)
+            raise BuildError(f"training the reference model {name!r} failed: {message}") from None
 
 
 @dataclass

@@ -78,7 +78,9 @@ class NotebookItem(pytest.Item):
         try:
             nb, cached = build_pdf.executed_in_build(self.path, self.kind, self.config.getoption("fresh"))
         except build_pdf.BuildError as exc:
-            raise NotebookFailure(str(exc)) from None
+            details = getattr(exc, "details", "")
+            tail = "\n".join(details.strip().splitlines()[-25:])
+            raise NotebookFailure(f"{exc}\n\n{tail}" if tail else str(exc)) from None
         _TIMES.append((f"{self.kind}/{self.path.name}", build_pdf.execution_seconds(nb), cached))
 
     def repr_failure(self, excinfo, style=None):
@@ -102,6 +104,29 @@ def pytest_collect_file(file_path: Path, parent):
     if getattr(opt, "nbval", False) or getattr(opt, "nbval_lax", False):
         return nbval.plugin.IPyNbFile.from_parent(parent, path=file_path)
     return NotebookFile.from_parent(parent, path=file_path)
+
+
+def pytest_collection_finish(session):
+    """Train (or resume) the reference models the selected notebooks load, first and visibly.
+
+    Inside a test item the training would be silent (pytest captures output);
+    here it shows its progress bar, and the items then only load the cache.
+    """
+    stems = set()
+    for item in session.items:
+        if isinstance(item, NotebookItem):
+            stems.add(item.path.stem)
+        elif hasattr(item, "callspec") and "chapter" in item.callspec.params:  # tests/test_exercises.py
+            stems.add(getattr(item.callspec.params["chapter"], "stem", ""))
+    models = sorted({m for ch in build_pdf.load_book().chapters if ch.stem in stems for m in ch.models})
+    if not models:
+        return
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        try:
+            build_pdf.ensure_models(models, progress=True)
+        except build_pdf.BuildError as exc:  # the notebooks that need the model fail with the same line
+            print(f"\nerror: {exc}")
 
 
 def pytest_terminal_summary(terminalreporter):
