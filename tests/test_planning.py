@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import math
 
@@ -161,7 +162,7 @@ def test_impossible_shapes_raise(kwargs, message):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("precision", "per_param"), [("fp32", 16), ("mixed", 16), ("bf16", 8)])
+@pytest.mark.parametrize(("precision", "per_param"), [("fp32", 16), ("autocast", 16), ("mixed", 16), ("bf16", 8)])
 def test_bytes_per_param(precision, per_param):
     assert planning.PRECISIONS[precision].total == per_param
     memory = planning.training_memory(1e9, precision)
@@ -178,10 +179,33 @@ def test_mixed_precision_roles():
     assert (fp32.weights, fp32.master) == (40, 0)
 
 
+def test_two_mixed_precision_conventions():
+    """torch.autocast (the book's trainer) keeps fp32 weights and grads; the ZeRO convention bf16 ones plus a master."""
+    autocast = planning.training_memory(10, "autocast")
+    assert (autocast.weights, autocast.grads, autocast.optimizer, autocast.master) == (40, 40, 80, 0)
+    zero = planning.training_memory(10, "mixed")
+    assert autocast.states == zero.states == 160  # same total, different roles
+    assert planning.TRAINER_PRECISION == "autocast"
+    assert planning.training_memory(10).weights == 40  # the default is what the book's trainer does
+    assert planning.plan(PRESETS["gpt2-124M"]).memory.master == 0
+
+
+def test_autocast_keeps_fp32_weights_and_grads():
+    """The convention the planner calls "autocast" is what torch.autocast does to a model's parameters."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(3, 8))
+    assert out.dtype == torch.bfloat16  # the matmuls ran in bf16
+    out.float().sum().backward()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.grad.dtype for p in model.parameters()} == {torch.float32}
+    assert planning.PRECISIONS["autocast"].weights == planning.PRECISIONS["autocast"].grads == 4
+
+
 def test_unknown_precision_is_a_clear_error():
     for call in (lambda: planning.training_memory(1e9, "fp8"),
                  lambda: planning.max_trainable_params(80e9, "fp8")):
-        with pytest.raises(ValueError, match=r"unknown precision 'fp8'; choose one of fp32, mixed, bf16"):
+        with pytest.raises(ValueError, match=r"unknown precision 'fp8'; choose one of fp32, autocast, mixed, bf16"):
             call()
 
 
@@ -196,10 +220,25 @@ def test_activation_memory_ordering(shape):
     full = planning.activation_memory(shape, 2, s)
     flash = planning.activation_memory(shape, 2, s, flash=True)
     ckpt = planning.activation_memory(shape, 2, s, checkpointing=True)
-    assert ckpt < flash < full
-    tokens, L = 2 * s, shape.n_layers
-    assert full - flash == tokens * L * 5 * shape.n_heads * s  # the attention scores
-    assert ckpt == tokens * (L * 2 * shape.d_model + 4 * shape.vocab_size)
+    ckpt_flash = planning.activation_memory(shape, 2, s, checkpointing=True, flash=True)
+    assert ckpt_flash < ckpt < full and ckpt_flash < flash < full
+    tokens, L, d = 2 * s, shape.n_layers, shape.d_model
+    scores = 5 * shape.n_heads * s
+    assert full - flash == tokens * L * scores  # the attention scores
+    # the block inputs, plus one block's activations alive while it is recomputed, plus the fp32 logits
+    assert ckpt == tokens * (L * 2 * d + 34 * d + scores + 4 * shape.vocab_size)
+    assert ckpt_flash == tokens * (L * 2 * d + 34 * d + 4 * shape.vocab_size)
+
+
+def test_checkpointing_counts_the_recompute_peak():
+    """One block's full activations live during its recomputation: with one layer, checkpointing saves nothing."""
+    shape = ModelShape("one", vocab_size=100, context_length=32, d_model=64, n_layers=1, n_heads=4)
+    plain = planning.activation_memory(shape, 3)
+    ckpt = planning.activation_memory(shape, 3, checkpointing=True)
+    assert ckpt == plain + 3 * 32 * 2 * 64  # the kept block input comes on top of the recompute peak
+    deeper = dataclasses.replace(shape, n_layers=9)
+    extra = planning.activation_memory(deeper, 3, checkpointing=True) - ckpt
+    assert extra == 3 * 32 * 8 * 2 * 64  # each further layer adds only its input
 
 
 def test_activation_memory_scaling():
@@ -234,8 +273,25 @@ def test_flops_per_token(shape):
     forward = planning.flops_per_token(shape, training=False)
     assert forward == 2 * matmuls + attention
     assert planning.flops_per_token(shape) == 3 * forward
-    assert 1.0 < planning.flops_per_token(shape) / (6 * n.total) < 1.2
+    if n.total > 1e8:  # the 6·N rule is close for real models; small ones with large vocabularies differ more
+        assert 1.0 < planning.flops_per_token(shape) / (6 * n.total) < 1.2
     assert planning.flops_per_token(shape, seq_len=s // 2) < planning.flops_per_token(shape)
+    # a causal kernel meets (T + 1) / 2 keys per query on average: about half of the attention term
+    causal = planning.flops_per_token(shape, training=False, causal=True)
+    assert forward - causal == pytest.approx(4 * L * d * (s - (s + 1) / 2))
+    assert (causal - 2 * matmuls) / attention == pytest.approx((s + 1) / (2 * s))
+
+
+def test_attention_flops_against_kaplan_and_palm():
+    """Kaplan et al. count 2·n_layer·n_ctx·d_attn forward (QKᵀ only); PaLM's 12·L·H·Q·T is 3 x both matmuls."""
+    shape = PRESETS["gpt2-124M"]
+    L, T, d, H = shape.n_layers, shape.context_length, shape.d_model, shape.n_heads
+    no_attention = planning.flops_per_token(shape, seq_len=0, training=False)  # a context of no keys
+    attention_forward = planning.flops_per_token(shape, training=False) - no_attention
+    kaplan_mask_row = 2 * L * T * d
+    assert attention_forward == 2 * kaplan_mask_row  # Kaplan's row, plus as much for the weighted sum of V
+    attention_training = planning.flops_per_token(shape) - 3 * no_attention
+    assert attention_training == 12 * L * H * shape.head_dim * T
 
 
 @pytest.mark.parametrize("n_params", [count_params(s).total for s in PRESETS.values()])
@@ -303,7 +359,7 @@ def test_plan_defaults_to_compute_optimal():
     n = count_params(shape).total
     assert p.params.total == n and p.tokens == 20 * n
     assert p.flops == planning.training_flops(n, 20 * n)
-    assert p.hardware.name == "H100 SXM" and p.mfu == 0.4 and p.precision == "mixed"
+    assert p.hardware.name == "H100 SXM" and p.mfu == 0.4 and p.precision == "autocast"
     assert p.memory.states == 16 * n
     assert p.memory.activations == planning.activation_memory(shape, 1, flash=True)
     assert p.device_days == pytest.approx(p.seconds / 86400)
@@ -321,6 +377,6 @@ def test_plan_precision_and_checkpointing():
     shape = PRESETS["gpt2-124M"]
     bf16 = planning.plan(shape, precision="bf16", checkpointing=True, batch_size=4)
     assert bf16.memory.states == 8 * bf16.params.total
-    assert bf16.memory.activations == planning.activation_memory(shape, 4, checkpointing=True)
+    assert bf16.memory.activations == planning.activation_memory(shape, 4, checkpointing=True, flash=True)
     with pytest.raises(ValueError, match="unknown precision"):
         planning.plan(shape, precision="int4")

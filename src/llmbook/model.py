@@ -37,8 +37,8 @@ from torch.utils.checkpoint import checkpoint
 
 from llmbook.attention import ATTENTION_BACKENDS, KVCache, MultiHeadAttention
 from llmbook.layers import MLP, LayerNorm, RMSNorm, SwiGLU
-from llmbook.planning import DerivedSizes, ModelShape
 from llmbook.rope import RotaryEmbedding
+from llmbook.shapes import SHAPES, DerivedSizes, ModelShape, Registry
 
 
 @dataclass
@@ -89,42 +89,24 @@ class ModelConfig(DerivedSizes):
         )
 
     @classmethod
+    def from_shape(cls, shape: ModelShape, **overrides) -> ModelConfig:
+        """The model of a Chapter 1 shape; the fields a shape does not have (dropout, ...) keep their defaults."""
+        fields = {f.name: getattr(shape, f.name) for f in dataclasses.fields(shape) if f.name not in ("name", "note")}
+        return cls(**{**fields, **overrides})
+
+    @classmethod
     def preset(cls, name: str, **overrides) -> ModelConfig:
         """A copy of ``PRESETS[name]`` with some fields changed: ``preset("gpt-tiny", dropout=0.1)``."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ValueError(f"unknown preset {name!r}; choose one of {PRESETS.names()}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def _gpt2(vocab_size: int = 50257, context_length: int = 1024, **kw) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, context_length=context_length, **kw)
-
-
-def _llama(**kw) -> ModelConfig:
-    style = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tied_embeddings=False)
-    return ModelConfig(**{**style, **kw})
-
-
-PRESETS: dict[str, ModelConfig] = {
-    # OpenAI's GPT-2 family (Radford et al. 2019), loadable with llmbook.hf_convert
-    "gpt2-124M": _gpt2(d_model=768, n_layers=12, n_heads=12),
-    "gpt2-355M": _gpt2(d_model=1024, n_layers=24, n_heads=16),
-    "gpt2-774M": _gpt2(d_model=1280, n_layers=36, n_heads=20),
-    "gpt2-1.5B": _gpt2(d_model=1600, n_layers=48, n_heads=25),
-    # Llama style; both real models use rms_norm_eps 1e-5
-    "llama2-7B": _llama(vocab_size=32000, context_length=4096, d_model=4096, n_layers=32, n_heads=32,
-                        d_ff=11008, norm_eps=1e-5),
-    "tinyllama-1.1B": _llama(vocab_size=32000, context_length=2048, d_model=2048, n_layers=22, n_heads=32,
-                             n_kv_heads=4, d_ff=5632, norm_eps=1e-5),
-    # laptop sizes: tests, the chapter's demos, and the Chapter 7 GPT-vs-Llama comparison (same width and depth)
-    "gpt-tiny": _gpt2(vocab_size=256, context_length=64, d_model=64, n_layers=2, n_heads=4),
-    "shakespeare-char": _gpt2(vocab_size=65, context_length=64, d_model=128, n_layers=4, n_heads=4),
-    "llama-tiny": _llama(vocab_size=256, context_length=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                         d_ff=172),
-    "laptop-gpt": _gpt2(vocab_size=4096, context_length=256, d_model=128, n_layers=4, n_heads=4),  # 1.35M
-    "laptop-llama": _llama(vocab_size=4096, context_length=256, d_model=128, n_layers=4, n_heads=4,
-                           d_ff=344),  # 1.84M: 344 ≈ 8/3·128 matches the GPT MLP's 8·d² per layer
-}
+# The named shapes of llmbook.shapes (Chapter 1's planner reads the same registry), as model configs:
+# "gpt-tiny" and "llama-tiny" for tests, "nanogpt-char-cpu" (alias "shakespeare-char") and
+# "nanogpt-char-gpu" for nanoGPT's character models, "laptop-llama" for the book's reference model and
+# "laptop-gpt" for its GPT-2 style twin, then the GPT-2 and Llama 2 families.
+PRESETS: Registry[ModelConfig] = SHAPES.map(ModelConfig.from_shape)
 
 
 def _norm(cfg: ModelConfig) -> nn.Module:

@@ -3,7 +3,10 @@
 Everything here is arithmetic on a model's shape, so it runs instantly for a
 70B model on a laptop. Chapter 1 uses it to size the book's models; later
 chapters check their real models against it (``GPT.num_params()`` must equal
-``count_params``).
+``count_params``). The shapes come from ``llmbook.shapes`` (``PRESETS`` is its
+registry), and the symbols in the docstrings follow the book's notation table:
+N parameters, D tokens, C FLOPs, d model width, L layers, H heads, T sequence
+length, V vocabulary, B batch.
 
     >>> shape = PRESETS["gpt2-124M"]
     >>> count_params(shape).total
@@ -17,84 +20,22 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+
+from llmbook.shapes import SHAPES, DerivedSizes, ModelShape, Registry
+
+__all__ = [  # the shapes are re-exported: Chapter 1 meets them here
+    "DerivedSizes", "ModelShape", "PRESETS", "Registry", "ParamCount", "count_params", "BytesPerParam",
+    "PRECISIONS", "TrainingMemory", "training_memory", "inference_memory", "activation_memory",
+    "training_flops", "flops_per_token", "Hardware", "HARDWARE", "training_time", "measure_matmul_flops",
+    "TOKENS_PER_PARAM", "TRAINER_PRECISION", "compute_optimal_tokens", "compute_optimal_params", "max_trainable_params",
+    "Plan", "plan",
+]
+
+PRESETS: Registry[ModelShape] = SHAPES  # one registry of named shapes for the planner, the model and the trainer
 
 # ---------------------------------------------------------------------------
 # Model shapes and parameter counts
 # ---------------------------------------------------------------------------
-
-
-class DerivedSizes:
-    """Sizes that follow from a shape's fields, and the rules they obey; for ModelShape and ModelConfig."""
-
-    vocab_size: int
-    context_length: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int | None
-    d_ff: int | None
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def ff_dim(self) -> int:
-        return 4 * self.d_model if self.d_ff is None else self.d_ff
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def check_sizes(self, prefix: str = "") -> None:
-        """The size rules every shape obeys, checked once for both classes; ``prefix`` names the shape in errors."""
-        for attr in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
-            if getattr(self, attr) <= 0:
-                raise ValueError(f"{prefix}{attr} must be positive, got {getattr(self, attr)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"{prefix}d_model={self.d_model} is not divisible by n_heads={self.n_heads}: every head gets "
-                "d_model // n_heads dimensions; choose n_heads that divides d_model"
-            )
-        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
-            raise ValueError(
-                f"{prefix}n_heads={self.n_heads} must be a multiple of n_kv_heads={self.kv_heads}: each key/value "
-                "head serves a whole group of query heads; choose n_kv_heads that divides n_heads"
-            )
-
-
-@dataclass(frozen=True)
-class ModelShape(DerivedSizes):
-    """The hyperparameters that decide a decoder-only transformer's size.
-
-    GPT-2 style: learned positions, LayerNorm with bias, GELU MLP with
-    ``d_ff = 4·d_model``, biases everywhere, input and output embeddings tied.
-    Llama style: RoPE (no position parameters), RMSNorm (weight only), SwiGLU
-    MLP (three matrices), no biases, untied output head, and optionally fewer
-    key/value heads than query heads (grouped-query attention).
-    """
-
-    name: str
-    vocab_size: int
-    context_length: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int | None = None  # None: one K/V head per query head (plain MHA)
-    d_ff: int | None = None  # None: 4 * d_model, GPT-2's choice
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    positions: Literal["learned", "rope"] = "learned"
-    bias: bool = True
-    tied_embeddings: bool = True
-
-    def __post_init__(self) -> None:
-        self.check_sizes(f"{self.name}: ")
-        if self.mlp not in ("gelu", "swiglu") or self.norm not in ("layernorm", "rmsnorm"):
-            raise ValueError(f"{self.name}: mlp must be gelu|swiglu and norm layernorm|rmsnorm")
-        if self.positions not in ("learned", "rope"):
-            raise ValueError(f"{self.name}: positions must be 'learned' or 'rope'")
 
 
 @dataclass(frozen=True)
@@ -150,34 +91,6 @@ def count_params(shape: ModelShape) -> ParamCount:
     )
 
 
-def _gpt2(name: str, d: int, layers: int, heads: int, vocab: int = 50257, ctx: int = 1024):
-    return ModelShape(name, vocab, ctx, d, layers, heads)
-
-
-def _llama(name, d, layers, heads, kv_heads, d_ff, vocab=32000, ctx=4096):
-    return ModelShape(
-        name, vocab, ctx, d, layers, heads, kv_heads, d_ff,
-        mlp="swiglu", norm="rmsnorm", positions="rope", bias=False, tied_embeddings=False,
-    )
-
-
-PRESETS: dict[str, ModelShape] = {
-    s.name: s
-    for s in [
-        # nanoGPT's character-level Shakespeare model: 65 characters, 6 layers of width 384
-        _gpt2("shakespeare-10M", 384, 6, 6, vocab=65, ctx=256),
-        _gpt2("gpt2-124M", 768, 12, 12),
-        _gpt2("gpt2-355M", 1024, 24, 16),
-        _gpt2("gpt2-774M", 1280, 36, 20),
-        _gpt2("gpt2-1.5B", 1600, 48, 25),
-        _llama("tinyllama-1.1B", 2048, 22, 32, 4, 5632, ctx=2048),
-        _llama("llama2-7B", 4096, 32, 32, 32, 11008),
-        _llama("llama2-13B", 5120, 40, 40, 40, 13824),
-        _llama("llama2-70B", 8192, 80, 64, 8, 28672),
-    ]
-}
-
-
 # ---------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------
@@ -187,10 +100,10 @@ PRESETS: dict[str, ModelShape] = {
 class BytesPerParam:
     """Bytes each parameter costs during training with AdamW, by role."""
 
-    weights: int
+    weights: int  # the weights the forward pass reads
     grads: int
     optimizer: int  # AdamW's two moments, m and v
-    master: int = 0  # fp32 copy of the weights kept by mixed precision
+    master: int = 0  # a separate fp32 copy of the weights, where the weights themselves are 16-bit
 
     @property
     def total(self) -> int:
@@ -200,12 +113,17 @@ class BytesPerParam:
 PRECISIONS: dict[str, BytesPerParam] = {
     # everything in fp32: 4 (w) + 4 (g) + 8 (m, v)
     "fp32": BytesPerParam(4, 4, 8),
-    # mixed precision as in the ZeRO paper: 16-bit weights and grads, fp32 master
-    # weights and moments: 2 + 2 + 8 + 4 = 16 bytes, no saving over fp32 for states
+    # torch.autocast, what the book's trainer does (Chapter 7): the weights and their gradients stay
+    # fp32, and each matmul casts its inputs to bf16 on the fly; 4 + 4 + 8 = 16 bytes. The casts
+    # (2 bytes per weight, kept by autograd until the backward pass) and the activations come on top.
+    "autocast": BytesPerParam(4, 4, 8),
+    # the ZeRO paper's convention (Rajbhandari et al. 2020), as in Megatron and DeepSpeed: bf16 weights
+    # and gradients, plus an fp32 master copy and fp32 moments: 2 + 2 + 4 + 8 = 16 bytes
     "mixed": BytesPerParam(2, 2, 8, 4),
     # pure bf16, moments included: half of fp32, at some cost in stability
     "bf16": BytesPerParam(2, 2, 4),
 }
+TRAINER_PRECISION = "autocast"  # the convention of llmbook.train's precision="bf16" (and "fp16")
 
 
 @dataclass(frozen=True)
@@ -237,8 +155,13 @@ def _precision(precision: str) -> BytesPerParam:
         ) from None
 
 
-def training_memory(n_params: float, precision: str = "mixed", activations: float = 0.0):
-    """Memory to train ``n_params`` with AdamW: 16 bytes/param in fp32 or mixed precision."""
+def training_memory(n_params: float, precision: str = TRAINER_PRECISION, activations: float = 0.0):
+    """Memory to train ``n_params`` with AdamW: 16 bytes/param in fp32 and in both mixed-precision conventions.
+
+    ``"autocast"`` (fp32 weights and gradients, bf16 matmuls) and ``"mixed"``
+    (bf16 weights and gradients plus an fp32 master copy) cost the same 16
+    bytes, split differently between the roles.
+    """
     b = _precision(precision)
     return TrainingMemory(
         weights=n_params * b.weights,
@@ -261,24 +184,33 @@ def activation_memory(
     checkpointing: bool = False,
     flash: bool = False,
 ) -> float:
-    """Bytes of activations saved for the backward pass, 16-bit, one micro-batch.
+    """Peak bytes of activations kept for the backward pass, 16-bit, one micro-batch of B x T tokens.
 
-    Per layer and token, Korthikanti et al. (2022) count ``34·d + 5·h·s`` bytes
-    for a GPT block: 34·d for the tensors the matmuls, norms, GELU and dropout
-    keep, and 5·h·s for the s x s attention scores, softmax and dropout mask of
-    the h heads. FlashAttention never stores the scores (the 5·h·s term goes).
-    Full activation checkpointing keeps only each block's input (2·d bytes) and
-    recomputes the rest during the backward pass. On top: the logits in fp32
-    for the loss, 4·vocab bytes per token.
+    Per layer and token, Korthikanti et al. (2022) count ``34·d + 5·H·T`` bytes
+    for a GPT block (their ``34·h + 5·a·s``, with h the hidden size, a the
+    heads and s the sequence length): 34·d for the tensors the matmuls, norms,
+    GELU and dropout keep, and 5·H·T for the T x T attention scores, softmax and
+    dropout mask of the H heads. FlashAttention never stores the scores (the
+    5·H·T term goes). Full activation checkpointing keeps only each block's
+    input (2·d bytes) and recomputes the rest during the backward pass, one
+    block at a time: while a block is recomputed and differentiated, its full
+    activations are alive too, so the peak adds one block's worth. On top: the
+    logits in fp32 for the loss, 4·V bytes per token.
+
+        >>> s = ModelShape("toy", vocab_size=10, context_length=8, d_model=4, n_layers=3, n_heads=2)
+        >>> activation_memory(s, 1, checkpointing=True, flash=True) / 8  # 3·2·4 + 34·4 + 4·10 per token
+        200.0
     """
-    s = shape.context_length if seq_len is None else seq_len
-    d, h = shape.d_model, shape.n_heads
+    T = shape.context_length if seq_len is None else seq_len
+    d, H, L = shape.d_model, shape.n_heads, shape.n_layers
+    one_layer = 34 * d + (0 if flash else 5 * H * T)  # per token: everything one block keeps
     if checkpointing:
-        per_layer_per_token = 2 * d
+        # every block's input, plus the one block being recomputed during the backward pass
+        per_token = L * 2 * d + one_layer
     else:
-        per_layer_per_token = 34 * d + (0 if flash else 5 * h * s)
-    tokens = batch_size * s
-    return tokens * (shape.n_layers * per_layer_per_token + 4 * shape.vocab_size)
+        per_token = L * one_layer
+    tokens = batch_size * T
+    return tokens * (per_token + 4 * shape.vocab_size)
 
 
 # ---------------------------------------------------------------------------
@@ -287,21 +219,34 @@ def activation_memory(
 
 
 def training_flops(n_params: float, n_tokens: float) -> float:
-    """C ≈ 6·N·D: 2 FLOPs per parameter per token forward, 4 backward."""
+    """C ≈ 6·N·D: 2 FLOPs per parameter per token forward, 4 backward (attention's own matmuls left out)."""
     return 6.0 * n_params * n_tokens
 
 
-def flops_per_token(shape: ModelShape, seq_len: int | None = None, training: bool = True):
-    """FLOPs per token counted from the shapes, attention included (Kaplan et al. 2020).
+def flops_per_token(shape: ModelShape, seq_len: int | None = None, training: bool = True,
+                    causal: bool = False) -> float:
+    """FLOPs per token counted from the shapes, attention's own matmuls included.
 
     Forward: 2 FLOPs per multiply-add of every matrix a token meets (the
-    non-embedding weights and the output head), plus ``2·2·L·s·d`` for QKᵀ and
-    the weighted sum of V over a context of s. Training: three times that.
+    non-embedding weights and the output head), plus ``4·L·T·d`` for attention
+    over a context of T: ``2·L·T·d`` for the scores QKᵀ and as much again for
+    the weighted sum of V. Kaplan et al. (2020, Table 1) count only the first,
+    ``2·n_layer·n_ctx·d_attn`` per token forward; the PaLM paper's training
+    count (Chowdhery et al. 2022, Appendix B) has both, ``12·L·H·Q·T`` = 3 x
+    ``4·L·T·d`` with Q·H = d. Training: three times the forward count (the
+    backward pass costs twice the forward).
+
+    The count assumes every query meets all T keys, which is what a kernel
+    that computes the full T x T scores and then masks them does (ours in
+    Chapter 4). A causal kernel that skips the masked half (FlashAttention,
+    Chapter 6) meets (T + 1)/2 keys per query on average: ``causal=True``
+    counts that, about half the attention term.
     """
-    s = shape.context_length if seq_len is None else seq_len
+    T = shape.context_length if seq_len is None else seq_len
     n = count_params(shape)
     matmul_params = n.non_embedding - n.lm_head + shape.vocab_size * shape.d_model
-    forward = 2 * matmul_params + 4 * shape.n_layers * s * shape.d_model
+    keys = (T + 1) / 2 if causal else T  # keys each query meets, on average over the sequence
+    forward = 2 * matmul_params + 4 * shape.n_layers * keys * shape.d_model
     return 3 * forward if training else forward
 
 
@@ -379,7 +324,7 @@ def compute_optimal_params(total_flops: float) -> float:
     return math.sqrt(total_flops / (6 * TOKENS_PER_PARAM))
 
 
-def max_trainable_params(memory_bytes: float, precision: str = "mixed") -> float:
+def max_trainable_params(memory_bytes: float, precision: str = TRAINER_PRECISION) -> float:
     """The largest model whose weights, grads and AdamW states fit in ``memory_bytes``."""
     return memory_bytes / _precision(precision).total
 
@@ -402,7 +347,7 @@ class Plan:
     hardware: Hardware
     mfu: float
     n_devices: int
-    precision: str = "mixed"
+    precision: str = TRAINER_PRECISION
     extra: dict = field(default_factory=dict)
 
     @property
@@ -416,11 +361,15 @@ def plan(
     hardware: Hardware | str = "H100 SXM",
     mfu: float = 0.4,
     n_devices: int = 1,
-    precision: str = "mixed",
+    precision: str = TRAINER_PRECISION,
     batch_size: int = 1,
     checkpointing: bool = False,
 ) -> Plan:
-    """Size a training run; ``tokens`` defaults to the compute-optimal 20 per parameter."""
+    """Size a training run; ``tokens`` defaults to the compute-optimal 20 per parameter.
+
+    Activations are for ``batch_size`` sequences of the full context, with
+    FlashAttention (no stored scores), optionally with activation checkpointing.
+    """
     hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
     params = count_params(shape)
     n = params.total
