@@ -16,7 +16,7 @@ SECONDS_PER_DAY = 86400
 def _gpt2_shapes() -> list[planning.ModelShape]:
     """A toy shape with small, distinct numbers first, then real GPT-2 shapes."""
     toy = planning.ModelShape("toy", vocab_size=10, context_length=8, d_model=4, n_layers=1, n_heads=1)
-    names = ["shakespeare-10M", "gpt2-124M", "gpt2-355M", "gpt2-1.5B"]
+    names = ["laptop-gpt", "gpt2-124M", "gpt2-355M", "gpt2-1.5B"]  # GPT-2 style: biases, tied head
     return [toy] + [planning.PRESETS[name] for name in names]
 
 
@@ -95,6 +95,8 @@ def check_training_days(training_days):
 def check_adamw_memory_bytes(adamw_memory_bytes):
     hints = {
         "fp32": "fp32: 4 (weights) + 4 (grads) + 4 + 4 (AdamW m and v) bytes per parameter",
+        "autocast": "autocast: the weights and grads stay fp32 (4 + 4), plus fp32 m and v (4 + 4); "
+                    "the bf16 copies are made on the fly",
         "mixed": "mixed: 2 (bf16 weights) + 2 (bf16 grads) + 8 (fp32 m, v) "
                  "+ 4 (fp32 master weights) bytes per parameter",
         "bf16": "bf16: 2 (weights) + 2 (grads) + 2 + 2 (AdamW m and v) bytes per parameter",

@@ -86,7 +86,7 @@ def _ratio_hint(ratio: float, hints: dict[float, str]) -> str:
 @exercise("4.2", solution="kv_cache_bytes_per_token")
 def check_kv_cache_bytes_per_token(kv_cache_bytes_per_token):
     # GQA and MQA shapes come first: they tell kv_heads from n_heads
-    names = ["tinyllama-1.1B", "llama2-70B", "llama2-7B", "gpt2-124M", "shakespeare-10M"]
+    names = ["tinyllama-1.1B", "llama2-70B", "llama2-7B", "gpt2-124M", "nanogpt-char-gpu"]
     shapes = [planning.PRESETS[n] for n in names]
     shapes.append(planning.ModelShape("mqa-toy", vocab_size=100, context_length=64, d_model=96, n_layers=3,
                                       n_heads=6, n_kv_heads=1))
