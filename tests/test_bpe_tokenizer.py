@@ -90,15 +90,18 @@ def test_same_ids_as_tiktoken_on_hard_cases(pair, text):
     tok, enc = pair
     assert tok.encode(text, allowed_special=set(), disallowed_special=()) == enc.encode_ordinary(text)
     assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
-    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode(text, allowed_special="all")) == text
+    assert tok.decode(tok.encode_ordinary(text)) == text
 
 
 def test_some_special_tokens_allowed(pair):
     tok, enc = pair
     text = "a<|endoftext|>b<|fim_prefix|>c"
     allowed = {"<|endoftext|>"}
-    assert tok.encode(text, allowed_special=allowed) == enc.encode(text, allowed_special=allowed, disallowed_special=())
-    assert tok.encode(text)[1] == tok.special_tokens["<|endoftext|>"]  # "a" is one token
+    assert tok.encode(text, allowed_special=allowed, disallowed_special=()) == enc.encode(
+        text, allowed_special=allowed, disallowed_special=()
+    )
+    assert tok.encode(text, allowed_special=allowed, disallowed_special=())[1] == tok.special_tokens["<|endoftext|>"]
 
 
 def test_disallowed_special_raises(pair):
@@ -127,16 +130,18 @@ def test_overlapping_special_tokens_longest_first(trained):
     tok = Tokenizer(trained.vocab, trained.merges, special_tokens=["<|a|>", "<|a|><|a|>"])
     short, long = tok.special_tokens["<|a|>"], tok.special_tokens["<|a|><|a|>"]
     assert (short, long) == (500, 501)  # appended after the vocabulary
-    ids = tok.encode("x<|a|><|a|><|a|>y")
+    ids = tok.encode("x<|a|><|a|><|a|>y", allowed_special="all")
     assert ids == tok.encode("x") + [long, short] + tok.encode("y")
     assert tok.decode(ids) == "x<|a|><|a|><|a|>y"
-    assert list(tok.encode_iterable(["x<|a|><|a", "|><|a|>y"])) == ids
+    assert list(tok.encode_iterable(["x<|a|><|a", "|><|a|>y"], allowed_special="all")) == ids
 
 
 def test_special_tokens_of_a_trained_vocabulary(trained):
     assert trained.special_tokens == {"<|endoftext|>": 499} and trained.vocab_size == 500
-    assert trained.encode("hi<|endoftext|>") == trained.encode("hi") + [499]
-    assert trained.encode("<|endoftext|>", allowed_special=set()) != [499]
+    assert trained.encode("hi<|endoftext|>", allowed_special={"<|endoftext|>"}) == trained.encode("hi") + [499]
+    assert 499 not in trained.encode_ordinary("<|endoftext|>")
+    with pytest.raises(ValueError, match="disallowed"):
+        trained.encode("hi<|endoftext|>")  # the default, as in tiktoken
 
 
 def test_decode_replaces_invalid_utf8(gpt2):
@@ -188,7 +193,7 @@ def test_module_doctests():
 @given(st.text())
 def test_decode_encode_round_trip(trained, gpt2, text):
     for tok in (trained, gpt2):
-        assert tok.decode(tok.encode(text)) == text
+        assert tok.decode(tok.encode(text, allowed_special="all")) == text
         assert tok.decode(tok.encode_ordinary(text)) == text
 
 
@@ -201,7 +206,10 @@ FRAGMENTS = [" ", "  ", "\n", "\t", "'", "l", "ve", "7", "a", "é", "!", "<|endo
 def test_encode_iterable_equals_encode_on_any_split(trained, gpt2, lines):
     with mock.patch.object(tokenizer_module, "STREAM_CHARS", 5):  # carry-overs at nearly every line
         for tok in (trained, gpt2):
-            assert list(tok.encode_iterable(lines)) == tok.encode("".join(lines))
+            assert list(tok.encode_iterable(lines, allowed_special="all")) == tok.encode(
+                "".join(lines), allowed_special="all"
+            )
+            assert list(tok.encode_iterable(lines, disallowed_special=())) == tok.encode_ordinary("".join(lines))
 
 
 # ---------------------------------------------------------------------------
@@ -247,7 +255,7 @@ def test_save_load_round_trip(which, request, tmp_path, shakespeare):
     assert (loaded.vocab, loaded.merges, loaded.special_tokens) == (tok.vocab, tok.merges, tok.special_tokens)
     assert (loaded.pattern, loaded.name) == (tok.pattern, tok.name)
     sample = shakespeare[:20_000] + "<|endoftext|> 🏳️‍🌈"
-    assert loaded.encode(sample) == tok.encode(sample)
+    assert loaded.encode(sample, allowed_special="all") == tok.encode(sample, allowed_special="all")
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -276,7 +284,7 @@ def test_to_tiktoken_round_trip(shakespeare):
     assert enc.name == "shakespeare-1000" and enc.n_vocab == 1000
     assert enc.encode_ordinary(shakespeare) == tok.encode_ordinary(shakespeare)
     text = "KING.<|endoftext|>QUEEN"
-    assert enc.encode(text, allowed_special="all") == tok.encode(text)
+    assert enc.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
     back = Tokenizer.from_tiktoken(enc)  # and tiktoken's ranks give our merges back
     assert back.merges == merges and back.vocab == tok.vocab
 

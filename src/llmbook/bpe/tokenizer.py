@@ -13,6 +13,14 @@ cached and the merge loop runs once per distinct pre-token. Decoding is a
 lookup and a join; the join may cut a character in half (a token can hold part
 of one), which ``decode`` shows as U+FFFD.
 
+Two merge loops give the same ids. ``bpe`` is the one to read: it looks at
+every pair after every merge, which is quick for a word but quadratic in the
+length of one pre-token, and the pattern makes a run of one repeated letter a
+single pre-token (a megabyte of "a" is one). ``bpe_fast`` keeps the parts in a
+linked list and the pairs in buckets by rank, so a pre-token of n bytes costs
+O(n log n); ``encode`` uses it for every pre-token longer than ``SHORT_PIECE``
+bytes.
+
 Ids are whatever the vocabulary says: ours put byte ``b`` at id ``b``, but
 GPT-2's byte tokens have other ids (id 0 is "!"), so nothing here assumes it.
 """
@@ -20,8 +28,10 @@ GPT-2's byte tokens have other ids (id 0 is "!"), so nothing here assumes it.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from heapq import heapify, heappop, heappush
 from pathlib import Path
 from typing import Literal
 
@@ -30,11 +40,17 @@ from llmbook.bpe.pretokenize import GPT2_PATTERN, compiled, resolve_pattern, spe
 FORMAT, VERSION = "llmbook-bpe", 1
 INF = float("inf")
 CACHE_SIZE = 100_000  # distinct pre-tokens remembered; the cache is emptied when full
+CACHE_MAX_CHARS = 256  # longer pre-tokens are not remembered: they rarely repeat, and would hold memory
+SHORT_PIECE = 64  # pre-tokens of at most this many bytes use the simple loop, which is faster on them
 STREAM_CHARS = 1 << 16  # encode_iterable encodes this many characters at a time
 
 
 def bpe(ids: list[int], ranks: dict[tuple[int, int], int], merged: dict[tuple[int, int], int]) -> list[int]:
     """Apply merges to one pre-token, lowest rank (earliest learned) first, until none applies.
+
+    The teaching version: short and clear, but every merge scans all the pairs
+    left, so a pre-token of n bytes costs O(n^2). ``encode`` runs it only on
+    short pre-tokens and ``bpe_fast`` on the rest; both give the same ids.
 
     >>> ranks, merged = {(104, 101): 0, (256, 121): 1}, {(104, 101): 256, (256, 121): 257}
     >>> bpe(list(b"hey"), ranks, merged), bpe(list(b"he he"), ranks, merged)
@@ -62,6 +78,107 @@ def bpe(ids: list[int], ranks: dict[tuple[int, int], int], merged: dict[tuple[in
         if i < len(pair_ranks):
             pair_ranks[i] = get((ids[i], ids[i + 1]), INF)
     return ids
+
+
+DEAD = -1  # the id left behind where a part was merged into its left neighbour
+
+
+def bpe_fast(
+    ids: list[int],
+    ranks: dict[tuple[int, int], int],
+    merged: dict[tuple[int, int], int],
+    stats: dict[str, int] | None = None,
+) -> list[int]:
+    """What ``bpe`` returns, in O(n log n) for a pre-token of n ids instead of O(n^2).
+
+    >>> ranks, merged = {(104, 101): 0, (256, 121): 1}, {(104, 101): 256, (256, 121): 257}
+    >>> bpe_fast(list(b"hey he"), ranks, merged)
+    [257, 32, 256]
+
+    The parts form a doubly linked list (``nxt``, ``prv``), so a merge costs
+    O(1) instead of moving everything after it. Pairs wait in buckets by rank,
+    each bucket a list of the positions of their left parts; a heap of the
+    ranks gives the lowest. A bucket is worked through left to right, which is
+    ``bpe``'s order: merging one pair creates only pairs that contain the new
+    token, and those rank later in any vocabulary BPE learned (should one rank
+    lower, we stop and take that one first, so the result is the same for any
+    merges). A merge leaves stale entries behind; each is recognised and
+    skipped when its turn comes (lazy invalidation): its left part is gone, or
+    the pair there has another rank now. Every position enters a bucket once at
+    the start and each merge adds at most two, so at most 3n entries are
+    looked at; ``stats["steps"]`` counts them, to test that bound.
+    """
+    n = len(ids)
+    if n < 2:
+        return list(ids)
+    get = ranks.get
+    ids = list(ids)
+    positions = list(range(n + 1))  # 0..n, one int object each, shared by the lists below
+    nxt = positions[1:]  # nxt[i]: the part after part i (n: none)
+    prv = [-1, *positions[: n - 1]]  # prv[i]: the part before part i (-1: none)
+    buckets: dict[int, list[int]] = {}  # rank -> positions of the left parts of pairs of that rank
+    pair_of: dict[int, tuple[int, int]] = {}  # rank -> its pair
+    for i, pair in zip(positions, zip(ids, ids[1:], strict=False), strict=False):
+        rank = get(pair)
+        if rank is not None:
+            bucket = buckets.get(rank)
+            if bucket is None:
+                buckets[rank], pair_of[rank] = [i], pair
+            else:
+                bucket.append(i)
+    todo = list(buckets)  # the ranks that have a bucket: a heap, lowest first
+    heapify(todo)
+    steps = 0
+    while todo:
+        rank = heappop(todo)
+        bucket = buckets.pop(rank, None)
+        if bucket is None:
+            continue  # the rank was pushed twice
+        bucket.sort()  # left to right: ascending runs, one per pass that added to it
+        a, b = pair_of[rank]
+        new = merged[a, b]
+        steps += len(bucket)
+        for k, i in enumerate(bucket):
+            j = nxt[i]
+            if j == n or ids[i] != a or ids[j] != b:
+                continue  # stale: part i is gone (DEAD), or it holds another pair now
+            ids[i], ids[j] = new, DEAD
+            p, m = prv[i], nxt[j]
+            nxt[i] = m
+            lower = False
+            if p >= 0:  # the pair before the new token; added first, so one pass over a
+                pair = (ids[p], new)  # bucket adds ascending positions to every bucket
+                r = get(pair)
+                if r is not None:
+                    other = buckets.get(r)
+                    if other is None:
+                        buckets[r], pair_of[r] = [p], pair
+                        heappush(todo, r)
+                    else:
+                        other.append(p)
+                    lower = r < rank
+            if m < n:  # the pair after it
+                prv[m] = i
+                pair = (new, ids[m])
+                r = get(pair)
+                if r is not None:
+                    other = buckets.get(r)
+                    if other is None:
+                        buckets[r], pair_of[r] = [i], pair
+                        heappush(todo, r)
+                    else:
+                        other.append(i)
+                    lower = lower or r < rank
+            if lower:  # a pair of lower rank appeared: it goes first; the rest of this bucket waits
+                rest = bucket[k + 1 :]
+                if rest:
+                    steps -= len(rest)
+                    buckets.setdefault(rank, []).extend(rest)
+                    heappush(todo, rank)
+                break
+    if stats is not None:
+        stats["steps"] = stats.get("steps", 0) + steps
+    return [t for t in ids if t != DEAD]
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -157,14 +274,23 @@ class Tokenizer:
             # A pre-token that is itself a token (" the") needs no merging: in a vocabulary
             # learned by BPE the merges rebuild every token they made. tiktoken does the same.
             whole = self._encoder.get(data)
-            ids = [whole] if whole is not None else bpe([self._byte_ids[b] for b in data], self._ranks, self._merged)
-            if len(self._cache) >= CACHE_SIZE:
-                self._cache.clear()
-            self._cache[piece] = ids
+            if whole is not None:
+                ids = [whole]
+            else:
+                merge_loop = bpe if len(data) <= SHORT_PIECE else bpe_fast
+                ids = merge_loop([self._byte_ids[b] for b in data], self._ranks, self._merged)
+            if len(piece) <= CACHE_MAX_CHARS:
+                if len(self._cache) >= CACHE_SIZE:
+                    self._cache.clear()
+                self._cache[piece] = ids
         return ids
 
     def encode_ordinary(self, text: str) -> list[int]:
-        """Encode text, treating special tokens in it as ordinary text."""
+        """Encode text, treating special tokens in it as ordinary text (tiktoken's ``encode_ordinary``).
+
+        Use it for text that is only text, such as a training corpus or a
+        user's prompt: "<|endoftext|>" in it is spelled in ordinary tokens.
+        """
         ids: list[int] = []
         cache, encode_piece = self._cache, self._encode_piece
         for piece in self._split(text):
@@ -189,7 +315,7 @@ class Tokenizer:
             raise ValueError(
                 f"the text contains the special token {token!r}, which is disallowed. To encode it as the "
                 f"special token, pass allowed_special={{{token!r}}} (or 'all'); to encode it as ordinary "
-                f"text, pass disallowed_special=()."
+                f"text, call encode_ordinary(text) or pass disallowed_special=()."
             )
 
     def _encode(self, text: str, allowed: tuple[str, ...]) -> list[int]:
@@ -207,13 +333,19 @@ class Tokenizer:
     def encode(
         self,
         text: str,
-        allowed_special: Literal["all"] | set[str] | frozenset[str] = "all",
-        disallowed_special: Literal["all"] | set[str] | tuple = (),
+        *,
+        allowed_special: Literal["all"] | set[str] | frozenset[str] = frozenset(),
+        disallowed_special: Literal["all"] | set[str] | frozenset[str] | tuple = "all",
     ) -> list[int]:
-        """Encode text. Special tokens behave as in tiktoken, with the opposite defaults.
+        """Encode text; special tokens in it follow tiktoken's rules and defaults.
 
         A special token in ``allowed_special`` becomes its id; one in
-        ``disallowed_special`` raises ``ValueError``; any other is ordinary text.
+        ``disallowed_special`` raises ``ValueError``; any other is ordinary
+        text. By default none is allowed and all are disallowed, so
+        "<|endoftext|>" in a text raises instead of silently becoming the
+        control token: text from outside (a web page, a user) must not be able
+        to end a document. Say ``allowed_special={"<|endoftext|>"}`` when you
+        put it there yourself, or call ``encode_ordinary`` to treat it as text.
         """
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         self._check_disallowed(text, disallowed)
@@ -250,30 +382,35 @@ class Tokenizer:
     def encode_iterable(
         self,
         lines: Iterable[str],
-        allowed_special: Literal["all"] | set[str] | frozenset[str] = "all",
-        disallowed_special: Literal["all"] | set[str] | tuple = (),
+        *,
+        allowed_special: Literal["all"] | set[str] | frozenset[str] = frozenset(),
+        disallowed_special: Literal["all"] | set[str] | frozenset[str] | tuple = "all",
     ) -> Iterator[int]:
         """Encode a stream of strings (say, a file's lines) lazily, in bounded memory.
 
-        Yields exactly ``encode("".join(lines))``. Lines are gathered into
-        pieces of about ``STREAM_CHARS`` characters; each piece is encoded up
-        to the point that later text cannot change, and the rest is carried
-        over to the next piece.
+        Yields exactly ``encode("".join(lines), ...)``, special tokens
+        included. Lines are gathered into pieces of about ``STREAM_CHARS``
+        characters; each piece is encoded up to the point that later text
+        cannot change, and the rest is carried over to the next piece. A
+        carried-over rest can grow (one pre-token may be a megabyte of "a"), so
+        the next try waits until the buffer has doubled: each character is
+        scanned a bounded number of times.
         """
         allowed, disallowed = self._special_sets(allowed_special, disallowed_special)
         hold = max(map(len, allowed + disallowed), default=1) - 1  # the longest special token, less one
         buffer: list[str] = []
-        size = 0
+        size, wait_for = 0, STREAM_CHARS
         for line in lines:
             buffer.append(line)
             size += len(line)
-            if size < STREAM_CHARS:
+            if size < wait_for:
                 continue
             text = "".join(buffer)
             self._check_disallowed(text, disallowed)
             ids, done = self._encode_settled(text, allowed, hold)
             yield from ids
             buffer, size = [text[done:]], len(text) - done
+            wait_for = max(STREAM_CHARS, 2 * size)
         text = "".join(buffer)
         self._check_disallowed(text, disallowed)
         yield from self._encode(text, allowed)
@@ -281,12 +418,19 @@ class Tokenizer:
     # ------------------------------------------------------------------ decoding
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        """The bytes the ids stand for, joined."""
+        """The bytes the ids stand for, joined.
+
+        Ids must be integers (Python's, NumPy's, or one-element integer
+        tensors) of tokens in the vocabulary. Anything else raises: 1.5 or True
+        is a bug in the caller, and quietly reading them as id 1 would hide it.
+        """
         ids = ids if isinstance(ids, list | tuple) else list(ids)
-        try:
-            return b"".join(map(self.vocab.__getitem__, ids))
-        except (KeyError, TypeError):
-            return b"".join(self.token_bytes(int(i)) for i in ids)
+        if set(map(type, ids)) <= {int}:  # the common case: plain ints, checked at C speed
+            try:
+                return b"".join(map(self.vocab.__getitem__, ids))
+            except KeyError:
+                pass  # an unknown id: token_bytes below names it
+        return b"".join(map(self.token_bytes, ids))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decode ids to text; byte sequences that are not valid UTF-8 become U+FFFD."""
@@ -295,9 +439,18 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one token: ``token_bytes(256)`` might be b" t"."""
         try:
-            return self.vocab[token_id]
-        except (KeyError, TypeError):
-            raise ValueError(f"unknown token id {token_id}; valid ids are 0..{self.vocab_size - 1}") from None
+            if isinstance(token_id, bool) or type(token_id).__name__ == "bool_":
+                raise TypeError
+            index = operator.index(token_id)  # int, NumPy integer, integer tensor; not 1.5
+        except TypeError:
+            raise TypeError(
+                f"token ids must be integers, got {token_id!r} ({type(token_id).__name__}); "
+                f"convert model outputs with int() or .tolist() before decoding"
+            ) from None
+        token = self.vocab.get(index)
+        if token is None:
+            raise ValueError(f"unknown token id {token_id}; valid ids are 0..{self.vocab_size - 1}")
+        return token
 
     # ------------------------------------------------------------------ tiktoken
 
