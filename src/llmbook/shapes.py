@@ -156,35 +156,35 @@ def _llama(name: str, d: int, layers: int, heads: int, kv_heads: int | None, d_f
     )
 
 
-NANOGPT = "nanoGPT (Karpathy), config/train_shakespeare_char.py"
-
 SHAPES: Registry[ModelShape] = Registry(
     {
         s.name: s
         for s in [
             # the book's own small shapes: unit tests, demos, and the reference model
-            _gpt2("gpt-tiny", 64, 2, 4, vocab=256, ctx=64, note="book: unit tests and quick demos (bytes)"),
+            _gpt2("gpt-tiny", 64, 2, 4, vocab=256, ctx=64, note="book: unit tests and quick demos"),
             _llama("llama-tiny", 64, 2, 4, 2, 172, vocab=256, ctx=128,
-                   note="book: unit tests, Llama style with GQA"),
-            # nanoGPT trains biasless models (its train.py defaults to bias=False) on 65 characters
+                   note="book: unit tests, Llama style"),
+            # nanoGPT's Shakespeare character models (Karpathy, config/train_shakespeare_char.py): 65
+            # characters, no biases (nanoGPT's train.py defaults to bias=False); the CPU one is the
+            # README's CPU run (4 layers, width 128, context 64), the GPU one the config itself
             _gpt2("nanogpt-char-cpu", 128, 4, 4, vocab=65, ctx=64, bias=False,
-                  note=f"{NANOGPT} with the README's CPU settings (4 layers, width 128, context 64)"),
+                  note="nanoGPT characters, README's CPU run"),
             _gpt2("laptop-gpt", 128, 4, 4, vocab=4096, ctx=256,
-                  note="book: GPT-2 style twin of the reference model (Chapter 7's comparison)"),
+                  note="book: GPT-2 twin of the reference"),
             # 344 ≈ 8/3·128, so its SwiGLU costs what laptop-gpt's GELU MLP costs (8·d² per layer)
             _llama("laptop-llama", 128, 4, 4, None, 344, vocab=4096, ctx=256,
-                   note="book: the reference model that Chapter 7 trains (TRAIN_PRESETS['shakespeare'])"),
+                   note="book: the reference model"),
             _gpt2("nanogpt-char-gpu", 384, 6, 6, vocab=65, ctx=256, bias=False,
-                  note=f"{NANOGPT}, the 10.7M-parameter GPU model"),
+                  note="nanoGPT characters, GPU config"),
             # OpenAI's GPT-2 family (Radford et al. 2019), loadable with llmbook.hf_convert
-            _gpt2("gpt2-124M", 768, 12, 12, note="GPT-2 small (Radford et al. 2019)"),
+            _gpt2("gpt2-124M", 768, 12, 12, note="GPT-2 small"),
             _gpt2("gpt2-355M", 1024, 24, 16, note="GPT-2 medium"),
             _gpt2("gpt2-774M", 1280, 36, 20, note="GPT-2 large"),
             _gpt2("gpt2-1.5B", 1600, 48, 25, note="GPT-2 XL"),
-            _llama("tinyllama-1.1B", 2048, 22, 32, 4, 5632, ctx=2048, note="TinyLlama 1.1B (Zhang et al. 2024)"),
-            _llama("llama2-7B", 4096, 32, 32, None, 11008, note="Llama 2 7B (Touvron et al. 2023)"),
-            _llama("llama2-13B", 5120, 40, 40, None, 13824, note="Llama 2 13B"),
-            _llama("llama2-70B", 8192, 80, 64, 8, 28672, note="Llama 2 70B, GQA with 8 K/V heads"),
+            _llama("tinyllama-1.1B", 2048, 22, 32, 4, 5632, ctx=2048, note="TinyLlama"),
+            _llama("llama2-7B", 4096, 32, 32, None, 11008, note="Llama 2"),
+            _llama("llama2-13B", 5120, 40, 40, None, 13824, note="Llama 2"),
+            _llama("llama2-70B", 8192, 80, 64, 8, 28672, note="Llama 2"),
         ]
     },
     aliases={"shakespeare-char": "nanogpt-char-cpu"},  # the name train_config's nanoGPT recipe used first
