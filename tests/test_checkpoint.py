@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
+import os
 import pickle
 import random
 
@@ -10,6 +14,7 @@ import pytest
 import torch
 
 from llmbook.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from llmbook.errors import CheckpointError, RunError, UnsafeCheckpointError
 
 
 def _state(value: float) -> dict:
@@ -34,8 +39,11 @@ def test_round_trip_loads_with_weights_only(tmp_path):
     assert state["step"] == 7 and state["config"] == {"lr": 1e-3, "x": None}
     assert torch.equal(state["model"]["weight"], torch.full((2, 3), 0.5))
     assert state["optimizer"]["state"][0]["exp_avg"].shape == (2, 3)
-    # the file is exactly what torch.load(weights_only=True) accepts
-    assert torch.equal(torch.load(path, weights_only=True)["model"]["bias"], state["model"]["bias"])
+    # a one-line header with the payload's SHA-256, then exactly what torch.load(weights_only=True) accepts
+    header, payload = path.read_bytes().split(b"\n", 1)
+    assert header == b"LLMBOOK-CHECKPOINT 1 sha256=%s size=%d" % (hashlib.sha256(payload).hexdigest().encode(),
+                                                                len(payload))
+    assert torch.equal(torch.load(io.BytesIO(payload), weights_only=True)["model"]["bias"], state["model"]["bias"])
 
 
 def test_overwrite_replaces_the_old_checkpoint(tmp_path):
@@ -77,9 +85,71 @@ class _Payload:
 
 def test_load_refuses_arbitrary_objects(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"payload": _Payload()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    torch.save({"payload": _Payload()}, path)  # plain torch.save, no header
+    with pytest.raises(pickle.UnpicklingError, match="Weights-only load refused"):
         load_checkpoint(path)
+    save_checkpoint(path, {"payload": _Payload()})  # a valid checksum does not make it safe
+    with pytest.raises(UnsafeCheckpointError, match=f"File: {path}"):
+        load_checkpoint(path)
+
+
+def test_plain_torch_save_files_still_load(tmp_path):
+    torch.save({"step": 3, "w": torch.ones(2)}, tmp_path / "old.pt")  # a checkpoint from before checksums
+    assert load_checkpoint(tmp_path / "old.pt")["step"] == 3
+
+
+def _one_line_naming(exc_info, path) -> str:
+    message = str(exc_info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flipped_bytes_are_caught_by_the_checksum(tmp_path, seed):
+    """16 bytes changed anywhere (header, torch's zip structure, the tensors) never load silently."""
+    path = save_checkpoint(tmp_path / "ckpt.pt", _state(1.5))
+    data = bytearray(path.read_bytes())
+    start = random.Random(seed).randrange(0, len(data) - 16) if seed else 200  # 200: inside the payload
+    data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = _one_line_naming(info, path)
+    assert "delete" in message and ("corrupted" in message or "damaged" in message or "not a checkpoint" in message)
+
+
+@pytest.mark.parametrize(
+    "content, what",
+    [(b"", "is empty"), (b"hello, I am not a checkpoint\n" * 10, "not a checkpoint"), ("half", "truncated"),
+     ("zip-half", "cannot be loaded")],
+)
+def test_damaged_files_fail_with_one_line(tmp_path, content, what):
+    path = tmp_path / "ckpt.pt"
+    good = save_checkpoint(path, _state(1.0)).read_bytes()
+    if content == "half":
+        content = good[: len(good) // 2]
+    elif content == "zip-half":  # a plain torch.save file cut in half: no checksum to catch it, torch.load does
+        torch.save(_state(1.0), path)
+        content = path.read_bytes()[:300]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=what) as info:
+        load_checkpoint(path)
+    assert "delete" in _one_line_naming(info, path)
+
+
+def test_disk_full_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "ckpt.pt", _state(1.0))
+    before = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(RunError) as info:
+        save_checkpoint(path, _state(2.0))
+    message = _one_line_naming(info, path)
+    assert "No space left on device" in message and "free disk space" in message
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
 def test_rng_state_restores_every_generator(tmp_path):

@@ -261,7 +261,7 @@ def test_run_writes_its_files(cfg, tmp_path, capsys):
     assert summary["total_seconds"] >= summary["train_seconds"] > 0
     assert summary["params"] == load_model(run)[0].num_params()
 
-    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state = load_checkpoint(run / "checkpoint.pt")
     assert state["step"] == 8 and set(state) >= {"model", "optimizer", "rng_state", "config", "scaler"}
     model, tokenizer = load_model(run)
     assert not model.training and tokenizer.vocab_size == 256

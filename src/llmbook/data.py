@@ -22,14 +22,21 @@ found, and ``python -m llmbook.data fetch`` downloads the missing ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here, so two processes must not fill the cache at once
+    fcntl = None
 
 ENV_DATA_DIR = "LLMBOOK_DATA_DIR"
 ENV_CACHE_DIR = "LLMBOOK_CACHE_DIR"
@@ -119,6 +126,28 @@ def cache_dir() -> Path:
         return Path(os.environ[ENV_CACHE_DIR]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(xdg).expanduser() / "llmbook"
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the ``with`` block; wait for it if taken.
+
+    Two processes filling the same cache entry (two notebooks, a notebook and
+    the shell) take turns instead of writing over each other: the second one
+    waits, then finds the entry done. The operating system drops the lock when
+    its process dies, so a killed process never leaves the cache locked. A
+    POSIX ``flock``; on Windows a no-op.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as f:
+        if fcntl is not None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def data_dir() -> Path | None:

@@ -13,6 +13,11 @@ KV cache of Chapter 4 each step feeds the model one new token; without it the
 whole sequence is recomputed every step (``use_cache=False``), giving the same
 tokens more slowly. Prompts of different lengths go through in one batch,
 padded on the left so that every row's next token is in the last column.
+
+A model's output layer can be wider than its tokenizer's vocabulary (Chapter 7
+pads it to a multiple of 64 for speed). The extra ids stand for no text, so
+``vocab_size`` masks them: pass the tokenizer's ``vocab_size`` and only ids it
+can decode are ever chosen.
 """
 
 from __future__ import annotations
@@ -73,10 +78,25 @@ def filter_top_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(~keep, float("-inf"))
 
 
+def mask_padding(logits: Tensor, vocab_size: int | None) -> Tensor:
+    """Logits ``(..., V)`` with the ids ``>= vocab_size`` set to -inf: ids the model has but the tokenizer lacks.
+
+    >>> mask_padding(torch.tensor([1.0, 2.0, 3.0]), 2)
+    tensor([1., 2., -inf])
+    """
+    if vocab_size is None or vocab_size >= logits.shape[-1]:
+        return logits
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return logits.index_fill(-1, torch.arange(vocab_size, logits.shape[-1], device=logits.device), float("-inf"))
+
+
 def _next_token(
-    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+    vocab_size: int | None = None,
 ) -> Tensor:
-    """One token per row from the last position's logits ``(B, V) -> (B,)``."""
+    """One token per row from the last position's logits ``(B, V) -> (B,)``, never an id ``>= vocab_size``."""
+    logits = mask_padding(logits, vocab_size)
     if temperature == 0:
         return logits.argmax(dim=-1)  # greedy: no randomness, no filters needed
     logits = apply_temperature(logits.float(), temperature)
@@ -106,13 +126,15 @@ def _left_pad(prompts: list[list[int]] | Tensor, pad_id: int, device) -> tuple[T
 def _steps(
     model: GPT, prompts: list[list[int]] | Tensor, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (), use_cache: bool = True,
-    generator: torch.Generator | None = None, pad_id: int = 0,
+    generator: torch.Generator | None = None, pad_id: int = 0, vocab_size: int | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(tokens (B,), active (B,))`` for each step: the new token of every row and which rows still run."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if vocab_size is not None and not 0 < vocab_size <= model.cfg.vocab_size:
+        raise ValueError(f"vocab_size must be in 1..{model.cfg.vocab_size} (the model's output size), got {vocab_size}")
     device = next(model.parameters()).device
     ids, real = _left_pad(prompts, pad_id, device)  # (B, T0) each
     B, T0 = ids.shape
@@ -145,7 +167,7 @@ def _steps(
                     mask=real[:, :t] if padded else None,
                 )  # (B, t - start, V)
             done = t
-            token = _next_token(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            token = _next_token(logits[:, -1], temperature, top_k, top_p, generator, vocab_size)  # (B,)
             seq[:, t] = token
             yield token, active.clone()
             active &= ~torch.isin(token, stop)  # a row ends with (and including) its first stop token
@@ -158,7 +180,7 @@ def _steps(
 def generate(
     model: GPT, prompts: list[list[int]] | Tensor, max_new_tokens: int, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, stop_tokens: Sequence[int] = (), use_cache: bool = True,
-    generator: torch.Generator | None = None, pad_id: int = 0,
+    generator: torch.Generator | None = None, pad_id: int = 0, vocab_size: int | None = None,
 ) -> list[list[int]]:
     """The new tokens of each prompt, up to max_new_tokens or through the first stop token.
 
@@ -166,10 +188,12 @@ def generate(
     with ``pad_id`` and the padding masked) or a LongTensor ``(B, T)`` / ``(T,)``.
     ``temperature=0`` is greedy. Prompt + max_new_tokens must fit in the
     context length, else ValueError (no silent truncation). Pass a seeded
-    ``generator`` to make sampling reproducible. The model is put in eval mode
-    and handed back in the mode it came in.
+    ``generator`` to make sampling reproducible. ``vocab_size`` (the
+    tokenizer's) keeps the output layer's padding ids from being chosen. The
+    model is put in eval mode and handed back in the mode it came in.
     """
-    steps = _steps(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache, generator, pad_id)
+    steps = _steps(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache, generator, pad_id,
+                   vocab_size)
     out: list[list[int]] | None = None
     for token, active in steps:
         if out is None:
@@ -186,7 +210,7 @@ def generate(
 def stream(
     model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
     top_p: float | None = None, stop_tokens: Sequence[int] = (), use_cache: bool = True,
-    generator: torch.Generator | None = None, pad_id: int = 0,
+    generator: torch.Generator | None = None, pad_id: int = 0, vocab_size: int | None = None,
 ) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are produced: ``for t in stream(...): print(decode([t]))``.
 
@@ -194,6 +218,6 @@ def stream(
     The model stays in eval mode until the iteration ends (or the iterator is closed).
     """
     steps = _steps(model, [list(prompt)], max_new_tokens, temperature, top_k, top_p, stop_tokens, use_cache,
-                   generator, pad_id)
+                   generator, pad_id, vocab_size)
     for token, _ in steps:
         yield int(token[0])

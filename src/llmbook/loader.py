@@ -21,7 +21,9 @@ a tokenizer, write ``train.bin`` and ``val.bin`` (Chapter 3's
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from llmbook import data
 from llmbook.bpe.arrays import encode_to_array, load_tokens
 from llmbook.bpe.tokenizer import Tokenizer
 from llmbook.bpe.train import train_bpe
+from llmbook.errors import CacheError
 
 TOKENIZER_HELP = "'bytes' (256 byte tokens), 'bpe-<V>' (our BPE with V tokens, e.g. 'bpe-1024') or 'gpt2' (tiktoken's)"
 
@@ -200,7 +203,9 @@ def prepare_data(dataset: str, tokenizer: str, val_fraction: float = 0.1, root: 
 
     The folder's name ends in a hash of the source bytes, the split and the
     tokenizer, so editing the text or changing either setting makes a new
-    folder instead of silently reusing stale tokens.
+    folder instead of silently reusing stale tokens. Building it holds a lock
+    file beside the folder, so two processes never build it at once: the
+    second waits and then loads what the first built.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be strictly between 0 and 1 (both splits need text), got {val_fraction}")
@@ -218,15 +223,32 @@ def prepare_data(dataset: str, tokenizer: str, val_fraction: float = 0.1, root: 
     train_bin, val_bin, tok_json = folder / "train.bin", folder / "val.bin", folder / "tokenizer.json"
     # tokenizer.json is written last: its presence says the two arrays are complete
     if not tok_json.is_file():
-        tok = make_tokenizer(tokenizer, train_text)
-        encode_to_array(tok, train_text, train_bin)
-        encode_to_array(tok, val_text, val_bin)
-        tok.save(tok_json)
-    return PreparedData(
-        dir=folder,
-        tokenizer=Tokenizer.load(tok_json),
-        train=load_tokens(train_bin),
-        val=load_tokens(val_bin),
-        train_bytes=len(train_text.encode("utf-8")),
-        val_bytes=len(val_text.encode("utf-8")),
-    )
+        folder.mkdir(parents=True, exist_ok=True)
+        with data.file_lock(folder.with_name(f".{folder.name}.lock")):
+            if not tok_json.is_file():  # another process may have built it while we waited
+                tok = make_tokenizer(tokenizer, train_text)
+                encode_to_array(tok, train_text, train_bin)
+                encode_to_array(tok, val_text, val_bin)
+                fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tokenizer.", suffix=".json")
+                os.close(fd)
+                os.replace(tok.save(tmp), tok_json)  # a unique name, then one atomic rename
+    try:
+        return PreparedData(
+            dir=folder,
+            tokenizer=_cached(Tokenizer.load, tok_json),
+            train=_cached(load_tokens, train_bin),
+            val=_cached(load_tokens, val_bin),
+            train_bytes=len(train_text.encode("utf-8")),
+            val_bytes=len(val_text.encode("utf-8")),
+        )
+    except CacheError as exc:
+        raise CacheError(f"{exc.args[0]}: delete the folder {folder} (a cache; the next run rebuilds it)") from None
+
+
+def _cached(load, file: Path):
+    """``load(file)`` for a file of the token cache; CacheError naming the file if it is damaged."""
+    try:
+        return load(file)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CacheError(f"the cached {file} is damaged ({type(exc).__name__}: {reason[:160]})") from None

@@ -12,16 +12,25 @@ the cache; every later call, from any chapter, just loads it:
 The folder's name ends in a hash of the training config, so changing the
 recipe trains a new model instead of silently loading the old one. Training
 happens in a ``.partial`` folder beside it, renamed only when complete: an
-interrupted training never looks finished, and the next ``load`` resumes it
-from its checkpoint.
+interrupted training never looks finished. It checkpoints at every
+evaluation, so the next ``load`` resumes it even after ``kill -9``, losing at
+most one evaluation interval. A lock file beside the folder lets one process
+train while any other waits for it and then loads the result.
+
+The book's build trains the models before it runs a chapter, so no training
+ever runs under a notebook's cell timeout; from the shell:
+
+    python -m llmbook.pretrained shakespeare          # train (or resume) and cache it, with a progress bar
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,15 +38,11 @@ import torch
 
 from llmbook import checkpoint, data, units
 from llmbook.bpe.tokenizer import Tokenizer
+from llmbook.data import ChecksumError, DataNotFoundError
+from llmbook.errors import Interrupted, RunError
 from llmbook.generate import generate as generate_ids
 from llmbook.model import GPT
-from llmbook.train import TRAIN_PRESETS, TrainConfig, Trainer, load_model, steps_for_budget
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+from llmbook.train import TRAIN_PRESETS, TrainConfig, Trainer, load_model, read_jsonl, steps_for_budget
 
 
 @dataclass
@@ -55,18 +60,19 @@ class Pretrained:
 
         Plot ``[m["loss"] for m in metrics if "loss" in m]`` for the training curve.
         """
-        return _read_jsonl(self.run_dir / "metrics.jsonl")
+        return read_jsonl(self.run_dir / "metrics.jsonl")
 
     def samples(self) -> list[dict]:
         """``{"step", "prompt", "text"}``: what the model wrote at each evaluation during training."""
-        return _read_jsonl(self.run_dir / "samples.jsonl")
+        return read_jsonl(self.run_dir / "samples.jsonl")
 
     def generate(self, prompt: str, max_new_tokens: int = 200, seed: int | None = None, **kw) -> str:
         """The text the model writes after ``prompt``; ``kw`` as ``llmbook.generate.generate`` (temperature, top_k...).
 
         ``seed`` makes the sampling repeatable. Text longer than the context
         window is written in pieces: when the window is full, the model goes on
-        from the last half of it (it forgets the rest, as it must).
+        from the last half of it (it forgets the rest, as it must). Only ids
+        the tokenizer has are drawn, never the output layer's padding.
         """
         ids = self.tokenizer.encode(prompt)
         if not ids:
@@ -74,6 +80,7 @@ class Pretrained:
         device = next(self.model.parameters()).device
         if seed is not None and "generator" not in kw:
             kw["generator"] = torch.Generator(device=device).manual_seed(seed)
+        kw.setdefault("vocab_size", self.tokenizer.vocab_size)
         ctx = self.model.cfg.context_length
         seq, new = list(ids), []
         while len(new) < max_new_tokens:
@@ -96,21 +103,52 @@ def model_dir(name: str) -> Path:
 
 
 def _train_once(name: str, folder: Path, progress: bool, retrain: bool) -> None:
-    """Train the preset into ``<folder>.partial`` (resuming it if a previous try was interrupted), then rename."""
+    """Train the preset into ``<folder>.partial`` (resuming it if a previous try was interrupted), then rename.
+
+    The caller holds the lock: no other process writes these folders meanwhile.
+    """
     cfg = TRAIN_PRESETS[name]
     partial = folder.with_name(folder.name + ".partial")
     if retrain and partial.exists():
         shutil.rmtree(partial)
-    estimate = cfg.max_steps * 60.0 / steps_for_budget(cfg, 60.0, probe_steps=5)
-    print(f"training the reference model '{name}' once on this machine (about {units.duration(estimate)}); "
-          f"later calls load it from {folder}")
-    Trainer(cfg, partial, progress=progress).train(resume=True)
+    resume = (partial / "checkpoint.pt").is_file()
+    if resume:
+        print(f"resuming the training of the reference model '{name}' in {partial}")
+    else:
+        estimate = cfg.max_steps * 60.0 / steps_for_budget(cfg, 60.0, probe_steps=5)
+        print(f"training the reference model '{name}' once on this machine (about {units.duration(estimate)}); "
+              f"later calls load it from {folder}")
+    # a .partial folder without a checkpoint holds only the logs of a try killed before its first save
+    Trainer(cfg, partial, progress=progress).train(resume=resume, overwrite=not resume)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():  # retrain: move the old model aside, then drop it once the new one is in place
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
     os.replace(partial, folder)  # atomic: the folder appears complete or not at all
     shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure(name: str = "shakespeare", progress: bool = True, retrain: bool = False) -> Path:
+    """The folder of the reference model ``name``, trained first if it is not cached (or ``retrain``).
+
+    Safe to call from several processes at once: one trains, the others wait
+    on the lock and then find the finished folder. An interrupted training
+    (Ctrl-C, a killed process) is resumed from its last checkpoint next time.
+    Training leaves the caller's random generators and thread count as they were.
+    """
+    folder = model_dir(name)
+    if not retrain and (folder / "summary.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with data.file_lock(folder.with_name(f".{folder.name}.lock")):  # hidden, beside the folder
+        if retrain or not (folder / "summary.json").is_file():  # another process may have trained it meanwhile
+            rng, threads = checkpoint.rng_state(), torch.get_num_threads()
+            try:
+                _train_once(name, folder, progress, retrain)
+            finally:
+                checkpoint.set_rng_state(rng)
+                torch.set_num_threads(threads)
+    return folder
 
 
 def load(name: str = "shakespeare", device: str | torch.device = "cpu", progress: bool = True,
@@ -120,15 +158,39 @@ def load(name: str = "shakespeare", device: str | torch.device = "cpu", progress
     Training leaves the caller's random generators as they were, so a chapter
     prints the same numbers whether or not the model had to be trained.
     """
-    folder = model_dir(name)
-    if retrain or not (folder / "summary.json").is_file():
-        rng, threads = checkpoint.rng_state(), torch.get_num_threads()
-        try:
-            _train_once(name, folder, progress, retrain)
-        finally:
-            checkpoint.set_rng_state(rng)
-            torch.set_num_threads(threads)
+    folder = ensure(name, progress, retrain)
     model, tokenizer = load_model(folder, device)
     config = TrainConfig.from_file(folder / "config.json")
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     return Pretrained(model.eval(), tokenizer, config, folder, summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m llmbook.pretrained NAME [--retrain]``: train (or resume) and cache a reference model."""
+    parser = argparse.ArgumentParser(prog="python -m llmbook.pretrained",
+                                     description="Train (or resume) and cache one of the book's reference models.")
+    parser.add_argument("name", nargs="?", default="shakespeare", help=f"one of: {', '.join(TRAIN_PRESETS)}")
+    parser.add_argument("--retrain", action="store_true", help="train again even if it is cached")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        folder = ensure(args.name, progress=not args.no_progress, retrain=args.retrain)
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except Interrupted as exc:
+        print(f"{exc.args[0].replace('--resume', 'the same command')}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RunError, DataNotFoundError, ChecksumError, KeyError) as exc:
+        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        print(f"error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {summary['steps']} steps, {units.count(summary['params'])} parameters, val loss "
+          f"{summary['val_loss']:.3f} nats/token, {summary['val_bpb']:.3f} bits per byte, trained in "
+          f"{units.duration(summary['train_seconds'])} -> {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

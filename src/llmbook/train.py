@@ -19,16 +19,38 @@ everything a chapter plots into a run folder:
 The batch of step s is drawn from a generator seeded with (seed, s, micro),
 so the data position is the step itself and resuming needs no loader state.
 From the shell: ``python -m llmbook.train --config tiny --out runs``.
+
+A run is never lost. A checkpoint is written at every evaluation, so even
+``kill -9`` costs at most one evaluation interval. Ctrl-C (SIGINT) or SIGTERM
+lets the current step finish, saves, and stops. A loss or weight that turns
+NaN stops the run before it can be saved over the last good checkpoint. And
+the trainer never starts over in a folder that holds a run unless asked to
+(``--resume`` continues it, ``--overwrite`` replaces it).
 """
 
+# ruff: noqa: E402 (the lines below run before torch is imported)
 from __future__ import annotations
+
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads (seconds): a quiet exit, not an import traceback
+
+    def _quit_while_starting(signum, frame):
+        print("interrupted while starting; nothing was saved", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, _quit_while_starting)
+    signal.signal(signal.SIGTERM, _quit_while_starting)
 
 import argparse
 import contextlib
 import json
+import math
+import os
 import shutil
-import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +63,7 @@ from tqdm.auto import tqdm
 from llmbook import checkpoint, loader, units
 from llmbook.bpe.tokenizer import Tokenizer
 from llmbook.data import ChecksumError, DataNotFoundError
+from llmbook.errors import CheckpointError, DivergedError, Interrupted, RunError
 from llmbook.generate import generate
 from llmbook.losses import bits_per_byte, cross_entropy
 from llmbook.model import GPT, ModelConfig
@@ -134,7 +157,9 @@ class Trainer:
         self.train_seconds = 0.0  # time in training steps, evaluation excluded; summed over resumes
         self.total_seconds = 0.0  # wall time of the run before this session (resumes add up)
         self.last_eval: dict | None = None
-        self._restored = self._updating = False
+        self.checkpoint_step: int | None = None  # the step checkpoint.pt holds, once this trainer saved or loaded it
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # a NaN/inf loss or norm so far
+        self._restored = self._updating = self._started = False
 
     # ------------------------------------------------------------------ the pieces of a step
 
@@ -200,23 +225,35 @@ class Trainer:
                         self.device, cfg.eval_batches, cfg.precision)
 
     def sample(self) -> str:
-        """A continuation of ``sample_prompt`` from its own generator, so the training RNG never moves."""
+        """A continuation of ``sample_prompt`` from its own generator, so the training RNG never moves.
+
+        Only ids the tokenizer has are drawn: the output layer's extra rows (the
+        vocabulary is padded to a multiple of 64) stand for no text.
+        """
         tok = self.data.tokenizer
         prompt = tok.encode(self.cfg.sample_prompt)
         n = min(self.cfg.sample_tokens, self.cfg.context_length - len(prompt))
         if n <= 0:
             return ""
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + self.step)
-        return tok.decode(generate(self.raw_model, [prompt], n, generator=gen)[0])
+        return tok.decode(generate(self.raw_model, [prompt], n, generator=gen, vocab_size=tok.vocab_size)[0])
 
     def log(self, record: dict, file: str = "metrics.jsonl") -> None:
         """Append one JSON record to a file of the run folder (the main process only)."""
         if self.is_main:
-            with open(self.run_dir / file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.run_dir / file
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as exc:
+                raise RunError(f"could not write {path} ({exc.strerror or exc}): free disk space or make the "
+                               "folder writable, then continue with --resume") from None
 
     def _evaluate_and_sample(self) -> None:
+        self._check_finite()  # NaN weights would give a NaN loss and crash the sampler
         result = self.validate()
+        if not math.isfinite(result["loss"]):
+            raise self._diverged(f"the validation loss is {result['loss']}")
         self.last_eval = {"step": self.step, "val_loss": result["loss"], "val_bpb": result["bpb"],
                           "elapsed_s": round(self.train_seconds, 3)}
         self.log(self.last_eval)
@@ -224,6 +261,29 @@ class Trainer:
             self.log({"step": self.step, "prompt": self.cfg.sample_prompt, "text": self.sample()}, "samples.jsonl")
         if self.is_main and self.progress:
             tqdm.write(f"step {self.step}: val loss {result['loss']:.3f} nats/token, {result['bpb']:.3f} bits per byte")
+
+    # ------------------------------------------------------------------ NaN and infinity
+
+    def _check_finite(self, weights: bool = True) -> None:
+        """Raise ``DivergedError`` if a loss or gradient norm so far, or (``weights``) a weight, is NaN or infinite.
+
+        The losses and norms are folded into one flag on the device as training
+        goes, so checking costs one sync; it is done before every evaluation,
+        every log record and every save, so NaN weights are never written.
+        """
+        bad = self._nonfinite
+        if weights:
+            bad = bad | ~torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        if bool(bad):
+            raise self._diverged("a loss, gradient norm or weight is NaN or infinite")
+
+    def _diverged(self, what: str) -> DivergedError:
+        kept = (f"the last good checkpoint (step {self.checkpoint_step}) is kept in {self.run_dir / 'checkpoint.pt'}"
+                if self.checkpoint_step is not None else "no checkpoint was saved")
+        return DivergedError(
+            f"training diverged by step {self.step}: {what}; {kept}. Lower lr (now {self.cfg.lr:g}) or grad_clip "
+            f"(now {self.cfg.grad_clip:g}) and continue with --resume --set lr=..., or start over with --overwrite"
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -238,9 +298,13 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path | None:
-        if self.is_main:
-            return checkpoint.save_checkpoint(self.run_dir / "checkpoint.pt", self.state_dict())
-        return None
+        """Write ``checkpoint.pt`` (atomic, checksummed); never NaN weights over a good checkpoint."""
+        self._check_finite()
+        if not self.is_main:
+            return None
+        path = checkpoint.save_checkpoint(self.run_dir / "checkpoint.pt", self.state_dict())
+        self.checkpoint_step = self.step
+        return path
 
     def restore(self) -> bool:
         """Load ``checkpoint.pt`` of the run folder if there is one; False when there is none."""
@@ -248,95 +312,185 @@ class Trainer:
         if self._restored or not path.is_file():
             return self._restored
         state = checkpoint.load_checkpoint(path)  # on the CPU: load_state_dict copies to the model's device
-        if state["model_config"] != asdict(self.model_config):
-            raise ValueError(f"{path} holds a different model ({state['model_config']}); train it in a new "
+        if state.get("model_config") != asdict(self.model_config):
+            raise ValueError(f"{path} holds a different model ({state.get('model_config')}); train it in a new "
                              "folder (another name or --out) or drop --resume")
-        self.raw_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
-        self.train_seconds, self.total_seconds = state["train_seconds"], state["total_seconds"]
-        self.last_eval = state["last_eval"]  # resuming a finished run need not evaluate again
-        checkpoint.set_rng_state(state["rng_state"])
+        try:
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+            self.step = int(state["step"])
+            self.train_seconds, self.total_seconds = state["train_seconds"], state["total_seconds"]
+            self.last_eval = state["last_eval"]  # resuming a finished run need not evaluate again
+            checkpoint.set_rng_state(state["rng_state"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path} is not a complete training checkpoint ({reason[:200]}): delete it and "
+                                  "start over with --overwrite, or resume from a good copy") from None
+        if not all(torch.isfinite(p).all() for p in self.raw_model.parameters()):
+            raise CheckpointError(f"{path} holds NaN or infinite weights: it cannot be resumed; start over with "
+                                  "--overwrite (and a lower lr)")
         self._restored = True
+        self.checkpoint_step = self.step
         return True
 
     # ------------------------------------------------------------------ the loop
 
+    RUN_FILES = ("checkpoint.pt", "model.pt", "metrics.jsonl", "samples.jsonl", "summary.json")
+
     def _session_seconds(self) -> float:
         return time.perf_counter() - self._session_start if hasattr(self, "_session_start") else 0.0
 
+    def _start(self, resume: bool, overwrite: bool) -> bool:
+        """Continue this trainer, resume the folder's checkpoint, or start anew; True if it goes on from a state.
+
+        A folder that holds a run is never started over by accident: that takes
+        ``overwrite``. ``resume`` without a checkpoint is refused too, as its
+        logs would otherwise be replaced.
+        """
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run, overwrite replaces it")
+        if self._started:  # a second train() of this trainer goes on where the first stopped
+            return True
+        found = [name for name in self.RUN_FILES if (self.run_dir / name).exists()]
+        if resume:
+            if not (self.run_dir / "checkpoint.pt").is_file():
+                hint = ("use --overwrite instead of --resume to replace its logs with a new run" if found
+                        else "drop --resume to start a new run")
+                raise RunError(f"nothing to resume: {self.run_dir} has no checkpoint.pt; {hint}")
+            return self.restore()
+        if found and self.is_main and not overwrite:
+            raise RunError(f"{self.run_dir} already holds a run ({', '.join(found)}): continue it with --resume "
+                           "(resume=True), replace it with --overwrite (overwrite=True), or choose another --out/name")
+        return False
+
     def _prepare_run_dir(self, resumed: bool) -> None:
-        """Write the config and the tokenizer; start fresh logs, or drop records a crash left after the checkpoint."""
+        """Write the config and tokenizer; clear a replaced run, or drop records a crash left after the checkpoint."""
         if not self.is_main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n", encoding="utf-8")
-        shutil.copyfile(self.data.dir / "tokenizer.json", self.run_dir / "tokenizer.json")
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            file = self.run_dir / name
-            lines = file.read_text(encoding="utf-8").splitlines() if resumed and file.is_file() else []
-            kept = [record for record in map(json.loads, lines) if record["step"] <= self.step]
-            file.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.run_dir, os.W_OK):  # root may write anyway; everyone else gets the reason now
+                raise PermissionError(13, "Permission denied")
+            _write_atomic(self.run_dir / "config.json", json.dumps(asdict(self.cfg), indent=2) + "\n")
+            shutil.copyfile(self.data.dir / "tokenizer.json", self.run_dir / "tokenizer.json")
+            if resumed:
+                for name in ("metrics.jsonl", "samples.jsonl"):
+                    file = self.run_dir / name
+                    if file.is_file():
+                        kept = [r for r in read_jsonl(file) if r.get("step", 0) <= self.step]
+                        _write_atomic(file, "".join(json.dumps(record) + "\n" for record in kept))
+            else:
+                for name in self.RUN_FILES:  # a new run, or --overwrite: nothing of an old one stays
+                    (self.run_dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise RunError(f"cannot write in the run folder {self.run_dir} ({exc.strerror or exc}): choose another "
+                           "--out, or make it writable") from None
 
-    def train(self, resume: bool = False, stop_at: int | None = None) -> dict:
+    def train(self, resume: bool = False, stop_at: int | None = None, overwrite: bool = False) -> dict:
         """Train to ``cfg.max_steps`` (or stop after step ``stop_at``, keeping the schedule); return the summary.
 
-        ``resume=True`` continues from the run folder's checkpoint when there is
-        one. A checkpoint is always written when the loop stops, even on Ctrl-C.
+        ``resume=True`` continues from the run folder's checkpoint (RunError if it
+        has none); ``overwrite=True`` replaces a run already in the folder.
+        Without either, a folder that holds a run is refused with a RunError.
+
+        A checkpoint is written every ``cfg.checkpoint_every`` steps (every
+        evaluation by default) and whenever the loop stops. Ctrl-C (SIGINT) or
+        SIGTERM lets the current step finish, saves, and raises ``Interrupted``
+        (a KeyboardInterrupt); a second Ctrl-C stops at once. A NaN or infinite
+        loss, gradient norm or weight raises ``DivergedError`` and leaves the
+        last good checkpoint as it was.
         """
         cfg = self.cfg
-        resumed = self.restore() if resume else False
-        self.total_seconds += self._session_seconds()  # a second train() on the same trainer adds up
-        self._session_start = time.perf_counter()
-        self._prepare_run_dir(resumed)
-        end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and self.is_main))
-        if resumed and self.is_main and self.progress:
-            bar.write(f"resuming {self.run_dir} at step {self.step}")
-        if self.step == 0 and cfg.eval_interval:
-            self._evaluate_and_sample()  # the untrained model: loss ≈ ln(vocab_size)
-
-        window_loss, window_steps, window_seconds = torch.zeros((), device=self.device), 0, 0.0
-        try:
-            while self.step < end:
-                start = time.perf_counter()
-                loss, norm = self.train_step()
-                window_loss += loss
-                window_steps += 1
-                record = None
-                if self.step % cfg.log_interval == 0 or self.step == end:
-                    record = {"step": self.step, "lr": self.schedule(self.step - 1),
-                              "loss": (window_loss / window_steps).item()}  # waits for the GPU: timing is true
-                    if norm is not None:
-                        record["grad_norm"] = norm.item()
-                seconds = time.perf_counter() - start
-                self.train_seconds += seconds
-                window_seconds += seconds
-                if record is not None:
-                    record["tokens_per_s"] = round(window_steps * cfg.tokens_per_step / window_seconds, 1)
-                    record["elapsed_s"] = round(self.train_seconds, 3)
-                    self.log(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=units.count(record["tokens_per_s"]),
-                                    lr=f"{record['lr']:.2e}", refresh=False)
-                    window_loss, window_steps, window_seconds = torch.zeros((), device=self.device), 0, 0.0
-                if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step == cfg.max_steps:
-                    self._evaluate_and_sample()
-                if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0 and self.step < end:
+        with _StopSignals() as stop:
+            resumed = self._start(resume, overwrite)
+            self._started = True
+            self.total_seconds += self._session_seconds()  # a second train() on the same trainer adds up
+            self._session_start = time.perf_counter()
+            self._prepare_run_dir(resumed)
+            end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=cfg.name, unit="step", dynamic_ncols=True,
+                       disable=not (self.progress and self.is_main))
+            if resumed and self.is_main and self.progress:
+                bar.write(f"resuming {self.run_dir} at step {self.step}")
+            try:
+                self._loop(end, stop, bar)
+                if self.checkpoint_step != self.step:
                     self.save_checkpoint()
-                bar.update(1)
-        finally:  # Ctrl-C or an error: keep what was done, unless it struck in the middle of an update
-            bar.close()
-            if not self._updating:
+            except BaseException as exc:
+                self._save_after_error(exc)
+                raise
+            finally:
+                bar.close()
+            if self.step < cfg.max_steps:
+                if stop.signum is not None:
+                    name = signal.Signals(stop.signum).name
+                    raise Interrupted(self.stop_message(f"{name}: stopped"), self.step,
+                                      self.run_dir / "checkpoint.pt", self.checkpoint_step, stop.signum)
+                if self.is_main:
+                    print(self.stop_message("stopped").replace("--resume", "resume=True (--resume)"))
+                return self._summary(finished=False)
+            return self._finish()
+
+    def _loop(self, end: int, stop: _StopSignals, bar: tqdm) -> None:
+        """Steps until ``end`` or a stop signal: log, evaluate and checkpoint on their intervals."""
+        cfg = self.cfg
+        if self.step == 0 and cfg.eval_interval and (self.last_eval or {}).get("step") != 0 and stop.signum is None:
+            self._evaluate_and_sample()  # the untrained model: loss ≈ ln(vocab_size)
+        window_loss, window_steps, window_seconds = torch.zeros((), device=self.device), 0, 0.0
+        while self.step < end and stop.signum is None:
+            start = time.perf_counter()
+            loss, norm = self.train_step()
+            self._nonfinite |= ~torch.isfinite(loss) if norm is None else ~(torch.isfinite(loss) & torch.isfinite(norm))
+            window_loss += loss
+            window_steps += 1
+            record = None
+            if self.step % cfg.log_interval == 0 or self.step == end:
+                record = {"step": self.step, "lr": self.schedule(self.step - 1),
+                          "loss": (window_loss / window_steps).item()}  # waits for the GPU: timing is true
+                if norm is not None:
+                    record["grad_norm"] = norm.item()
+            seconds = time.perf_counter() - start
+            self.train_seconds += seconds
+            window_seconds += seconds
+            if record is not None:
+                self._check_finite(weights=False)  # a NaN loss is not logged as if it were a result
+                record["tokens_per_s"] = round(window_steps * cfg.tokens_per_step / window_seconds, 1)
+                record["elapsed_s"] = round(self.train_seconds, 3)
+                self.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=units.count(record["tokens_per_s"]),
+                                lr=f"{record['lr']:.2e}", refresh=False)
+                window_loss, window_steps, window_seconds = torch.zeros((), device=self.device), 0, 0.0
+            if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step == cfg.max_steps:
+                self._evaluate_and_sample()
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < end:
                 self.save_checkpoint()
-        if self.step < cfg.max_steps:
-            if self.is_main:
-                print(f"stopped at step {self.step} of {cfg.max_steps}; checkpoint in {self.run_dir}, "
-                      "continue with resume=True (--resume)")
-            return self._summary(finished=False)
-        return self._finish()
+            bar.update(1)
+
+    def _save_after_error(self, exc: BaseException) -> None:
+        """Keep the steps done when an error (a second Ctrl-C, out of memory) stops the loop, where that is safe.
+
+        Not in the middle of an update (the weights would hold half a step), not
+        after a divergence or a failed write, and never raising over ``exc``.
+        """
+        if self._updating or isinstance(exc, RunError) or self.checkpoint_step == self.step:
+            return
+        try:
+            self.save_checkpoint()
+        except BaseException:  # the error already on its way says more than this one
+            pass
+
+    def stop_message(self, what: str) -> str:
+        """One true line about a stop: which step, and whether (and where) a checkpoint holds it."""
+        path = self.run_dir / "checkpoint.pt"
+        if self.checkpoint_step is None:
+            return (f"{what} at step {self.step}; no checkpoint was saved: start again (--overwrite if the folder "
+                    "holds a run)")
+        if self.checkpoint_step == self.step:
+            return f"{what} at step {self.step}; checkpoint of step {self.step} saved in {path}; continue with --resume"
+        return (f"{what} at step {self.step}, inside a step (not saved); the last checkpoint, of step "
+                f"{self.checkpoint_step}, is in {path}; continue with --resume")
 
     def _summary(self, finished: bool) -> dict:
         tokens_seen = self.step * self.cfg.tokens_per_step
@@ -353,16 +507,86 @@ class Trainer:
         """The final model and summary, after the last step."""
         if self.last_eval is None or self.last_eval["step"] != self.step:
             self._evaluate_and_sample()
+        self._check_finite()
         summary = self._summary(finished=True)
         if self.is_main:
             state_dict = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
             checkpoint.save_checkpoint(self.run_dir / "model.pt",
                                        {"model_config": asdict(self.model_config), "state_dict": state_dict})
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            try:
+                _write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            except OSError as exc:
+                raise RunError(f"could not write {self.run_dir / 'summary.json'} ({exc.strerror or exc}): free "
+                               "disk space, then run again with --resume") from None
             print(f"trained {summary['steps']} steps in {units.duration(summary['train_seconds'])} "
                   f"({units.count(summary['tokens_per_s'])} tokens/s): val loss {summary['val_loss']:.3f} "
                   f"nats/token, {summary['val_bpb']:.3f} bits per byte -> {self.run_dir}")
         return summary
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM only ask the loop to stop after its step (``signum`` is set).
+
+    A second SIGINT raises KeyboardInterrupt at once, for a reader who really
+    wants out. Handlers can only be set in the main thread; elsewhere this does
+    nothing and signals behave as usual. The previous handlers come back on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a unique temporary file and a rename: a crash leaves the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    """The records of a JSON-lines log; a torn last line (a crash or power cut mid-write) is dropped.
+
+    A damaged line anywhere else is not a crash's doing: RunError, naming the file and the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            if number == len(lines):
+                break  # torn by the crash that stopped the run
+            raise RunError(f"{path}, line {number}, is not a JSON record: delete that line, then run again")
+        records.append(record)
+    return records
 
 
 # ---------------------------------------------------------------------- helpers around the trainer
@@ -390,6 +614,48 @@ def steps_for_budget(cfg: TrainConfig, seconds: float, probe_steps: int = 20) ->
     return max(1, int(seconds / per_step))
 
 
+def _model_from_file(path: Path, config: object, weights: object) -> GPT:
+    """The model a file describes, its config checked against its tensors before a byte is allocated.
+
+    The model is first built on PyTorch's "meta" device, which records shapes
+    and allocates nothing, so a damaged or crafted ``model_config`` (say, a
+    thousand layers) is refused instead of asking for gigabytes.
+    """
+    if not isinstance(config, dict) or not isinstance(weights, dict):
+        raise CheckpointError(f"{path} holds no model_config and weights: it is not a model.pt or checkpoint.pt")
+    try:
+        cfg = ModelConfig(**config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} holds an invalid model_config ({exc}): the file is damaged or was not "
+                              "written by llmbook; retrain, or use another file") from None
+    with torch.device("meta"):
+        skeleton = GPT(cfg)
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, Tensor)}
+    if want != have:
+        first = sorted(set(want) ^ set(have)) or sorted(k for k in want if want[k] != have[k])
+        raise CheckpointError(
+            f"{path}: its model_config ({units.count(skeleton.num_params())} parameters) does not match the tensors "
+            f"it holds (first difference: {first[0]}); the file is damaged or was not written by llmbook: retrain, "
+            "or use another file"
+        )
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: keep the caller's RNG where it was
+        model = GPT(cfg)
+    model.load_state_dict(weights)
+    return model
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """``Tokenizer.load``, with one line naming the file if it is missing or damaged."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a run folder holds its tokenizer beside model.pt")
+    try:
+        return Tokenizer.load(path)
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunError(f"{path} is damaged ({reason[:200]}): copy a good tokenizer.json there, or retrain") from None
+
+
 def load_model(run_dir_or_model_pt: Path | str, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
     """The trained model (in eval mode) and its tokenizer, from a run folder or its ``model.pt``.
 
@@ -402,14 +668,17 @@ def load_model(run_dir_or_model_pt: Path | str, device: str | torch.device = "cp
     else:
         folder = path.parent
     state = checkpoint.load_checkpoint(path)
-    weights = state["state_dict"] if "state_dict" in state else state["model"]
-    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: keep the caller's RNG where it was
-        model = GPT(ModelConfig(**state["model_config"]))
-    model.load_state_dict(weights)
-    tok_file = folder / "tokenizer.json"
-    if not tok_file.is_file():
-        raise FileNotFoundError(f"{tok_file} not found: a run folder holds its tokenizer beside model.pt")
-    return model.to(device).eval(), Tokenizer.load(tok_file)
+    model = _model_from_file(path, state.get("model_config"), state.get("state_dict", state.get("model")))
+    return model.to(device).eval(), load_tokenizer(folder / "tokenizer.json")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message, first line only (KeyError's without the quotes repr adds)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc) or type(exc).__name__
+    return message.strip().splitlines()[0] if message.strip() else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,24 +690,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="change settings, values as JSON: --set max_steps=200 model_overrides.d_model=96")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/NAME/checkpoint.pt if present")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in OUT/NAME from its checkpoint.pt")
+    mode.add_argument("--overwrite", action="store_true", help="replace the run in OUT/NAME with a new one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    trainer = None
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # until training starts, SIGTERM stops us as Ctrl-C does: with a line, not silently
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         cfg = TrainConfig.resolve(args.config, args.overrides)
         trainer = Trainer(cfg, Path(args.out) / cfg.name, progress=not args.no_progress)
-        if args.resume:
-            trainer.restore()
-    except (ValueError, FileNotFoundError, DataNotFoundError, ChecksumError, KeyError) as exc:
-        message = exc.args[0] if exc.args else repr(exc)
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    try:
-        trainer.train(resume=args.resume)
+        trainer.train(resume=args.resume, overwrite=args.overwrite)
+    except Interrupted as exc:
+        print(exc.args[0], file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
-        print(f"interrupted at step {trainer.step}; checkpoint saved in {trainer.run_dir}, continue with --resume",
-              file=sys.stderr)
+        started = trainer is not None and trainer._started
+        print(trainer.stop_message("interrupted") if started else "interrupted before training started; nothing "
+              "was saved", file=sys.stderr)
         return 130
+    except (ValueError, OSError, RunError, DataNotFoundError, ChecksumError, KeyError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,11 +71,13 @@ def encode_to_array(
 ) -> Path:
     """Tokenize ``source`` (a text, or a file when it is a ``Path``) into the raw file ``out``.
 
-    Special tokens in the source are encoded as special tokens. Memory stays
+    Special tokens in the source (``<|endoftext|>`` between documents) are
+    encoded as special tokens: a corpus file is trusted text. Memory stays
     bounded: ``chunk_lines`` lines are tokenized and appended at a time. Both
     ``out`` and its JSON sidecar are written to temporary files first and
     renamed at the end, so an interrupted run never leaves a truncated corpus
-    that looks complete.
+    that looks complete. The temporary names are unique, so two processes
+    writing the same corpus at once each finish (the last rename wins).
     """
     out = Path(out)
     dtype = default_dtype(tokenizer.vocab_size) if dtype is None else np.dtype(dtype)
@@ -84,39 +87,50 @@ def encode_to_array(
     total = source.stat().st_size if isinstance(source, Path) else len(source.encode("utf-8"))
     digest = hashlib.sha256()
 
-    tmp = out.with_name(out.name + ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")  # unique to this writer
     count = 0
-    with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=f"encode {out.name}") as bar:
-        blocks = _blocks(source, chunk_lines, digest)
+    try:
+        with open(fd, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=f"encode {out.name}") as bar:
+            blocks = _blocks(source, chunk_lines, digest)
 
-        def texts() -> Iterator[str]:
-            for block, size in blocks:
-                yield block
-                bar.update(size)
+            def texts() -> Iterator[str]:
+                for block, size in blocks:
+                    yield block
+                    bar.update(size)
 
-        # encode_iterable carries pre-tokens that span two blocks over to the next one
-        batch: list[int] = []
-        for token_id in tokenizer.encode_iterable(texts()):
-            batch.append(token_id)
-            if len(batch) >= 1 << 20:
-                f.write(np.asarray(batch, dtype=dtype).tobytes())
-                count, batch = count + len(batch), []
-        f.write(np.asarray(batch, dtype=dtype).tobytes())
-        count += len(batch)
+            # encode_iterable carries pre-tokens that span two blocks over to the next one
+            batch: list[int] = []
+            for token_id in tokenizer.encode_iterable(texts(), allowed_special="all"):
+                batch.append(token_id)
+                if len(batch) >= 1 << 20:
+                    f.write(np.asarray(batch, dtype=dtype).tobytes())
+                    count, batch = count + len(batch), []
+            f.write(np.asarray(batch, dtype=dtype).tobytes())
+            count += len(batch)
 
-    meta = {
-        "dtype": dtype.name,
-        "count": count,
-        "vocab_size": tokenizer.vocab_size,
-        "tokenizer": tokenizer.name,
-        "source": str(source) if isinstance(source, Path) else "<text>",
-        "source_sha256": digest.hexdigest(),
-    }
-    meta_tmp = out.with_name(out.name + ".json.tmp")
-    meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    os.replace(meta_tmp, sidecar(out))
+        meta = {
+            "dtype": dtype.name,
+            "count": count,
+            "vocab_size": tokenizer.vocab_size,
+            "tokenizer": tokenizer.name,
+            "source": str(source) if isinstance(source, Path) else "<text>",
+            "source_sha256": digest.hexdigest(),
+        }
+        meta_tmp = _temp_text(out.parent, json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, out)
+        os.replace(meta_tmp, sidecar(out))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return out
+
+
+def _temp_text(folder: Path, text: str) -> str:
+    """A new temporary file in ``folder`` holding ``text``, under a name no other process uses."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sidecar.", suffix=".tmp")
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return tmp
 
 
 def load_tokens(path: Path) -> np.ndarray:
