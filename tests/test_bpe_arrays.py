@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -73,3 +74,24 @@ def test_errors(small, tmp_path):
 def test_empty_source(small, tmp_path):
     tokens = load_tokens(encode_to_array(small, "", tmp_path / "empty.bin"))
     assert tokens.shape == (0,) and tokens.dtype == np.uint16
+
+
+def test_writers_of_the_same_file_do_not_collide(small, tmp_path):
+    """Several writers of one corpus at once (two notebooks filling a cache): unique temporary names, all finish."""
+    text = data.path("corpus.en").read_text(encoding="utf-8")[:20_000]
+    errors = []
+
+    def write():
+        try:
+            encode_to_array(small, text, tmp_path / "same.bin", chunk_lines=20)
+        except Exception as exc:  # noqa: BLE001 (collected for the assertion)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert load_tokens(tmp_path / "same.bin").tolist() == small.encode(text, allowed_special="all")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["same.bin", "same.json"]

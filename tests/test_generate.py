@@ -177,3 +177,18 @@ def test_inputs_and_errors():
         generate(model, [[1], []], 4)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, [[1]], 4, temperature=-1)
+
+
+def test_vocab_size_masks_the_padding_ids():
+    """A model wider than its tokenizer (padded to 64): ids >= vocab_size are never chosen, however likely."""
+    model = model_for("gpt-tiny")  # 256 outputs; pretend the tokenizer has 200 ids
+    padding = torch.arange(200, model.cfg.vocab_size)
+    model.lm_head.register_forward_hook(lambda module, inputs, out: out.index_fill(-1, padding, 50.0))
+    prompt = [[1, 2, 3]]
+    assert min(generate(model, prompt, 8, temperature=0)[0]) >= 200  # unmasked: only padding
+    for kw in ({"temperature": 0}, {"temperature": 1.0}, {"top_k": 5}, {"top_p": 0.9}):
+        gen = torch.Generator().manual_seed(0)
+        assert max(generate(model, prompt, 8, generator=gen, vocab_size=200, **kw)[0]) < 200, kw
+    assert max(stream(model, prompt[0], 8, vocab_size=200)) < 200
+    with pytest.raises(ValueError, match="vocab_size must be in 1..256"):
+        generate(model, prompt, 2, vocab_size=257)

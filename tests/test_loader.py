@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from llmbook import data
 from llmbook.bpe import Tokenizer, load_tokens
+from llmbook.errors import CacheError
 from llmbook.loader import (
     PreparedData,
     check_tokenizer_name,
@@ -211,3 +214,39 @@ def test_prepare_data_errors(cache, tmp_path, text_file):
         prepare_data(str(latin1), "bytes")
     check_tokenizer_name("bpe-1024")
 
+
+
+def _prepare_in_child(text_file: str, out: str) -> None:
+    try:
+        prepared = prepare_data(text_file, "bpe-300")
+        with open(out, "w") as f:
+            f.write(json.dumps([prepared.tokenizer.vocab_size, len(prepared.train), int(prepared.train.sum())]))
+        os._exit(0)
+    except BaseException as exc:  # what failed, for the assertion message
+        with open(out, "w") as f:
+            f.write(repr(exc))
+        os._exit(1)
+
+
+def test_prepare_data_in_two_processes_at_once(cache, text_file, tmp_path):
+    """Three processes tokenizing the same data: one builds under the lock, the others wait and load it."""
+    children = [multiprocessing.get_context("fork").Process(target=_prepare_in_child,
+                                                            args=(str(text_file), str(tmp_path / f"{i}.json")))
+                for i in range(3)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(120)
+    results = [(tmp_path / f"{i}.json").read_text() for i in range(3)]
+    assert [child.exitcode for child in children] == [0, 0, 0], results
+    assert len(set(results)) == 1 and json.loads(results[0])[0] == 300
+    folder = prepare_data(str(text_file), "bpe-300").dir
+    assert sorted(p.name for p in folder.iterdir()) == ["tokenizer.json", "train.bin", "train.json", "val.bin",
+                                                        "val.json"]  # no temporary files left
+
+
+def test_prepare_data_names_a_damaged_cache(cache, text_file):
+    prepared = prepare_data(str(text_file), "bytes")
+    (prepared.dir / "train.bin").write_bytes(b"\0" * 3)
+    with pytest.raises(CacheError, match=f"the cached {prepared.dir / 'train.bin'} is damaged.*delete the folder"):
+        prepare_data(str(text_file), "bytes")

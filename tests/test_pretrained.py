@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import signal
 
 import pytest
 import torch
 
 from llmbook import pretrained
+from llmbook.errors import Interrupted
 from llmbook.train import TRAIN_PRESETS, TrainConfig, Trainer
 
 WORDS = "the king queen lord good night day love death sword crown thou art my heart speak".split()
@@ -116,3 +119,38 @@ def test_interrupted_training_resumes_and_retrain_starts_over(preset, tmp_path, 
     assert sorted(p.name for p in retrained.run_dir.parent.iterdir() if p.name[0] != ".") == [retrained.run_dir.name]
     assert all(torch.equal(p, q) for p, q in zip(retrained.model.parameters(), straight.model.parameters(),
                                                  strict=True))
+
+
+def test_ensure_and_the_command_line(preset, capsys, monkeypatch):
+    folder = pretrained.ensure("mini", progress=False)
+    assert folder == pretrained.model_dir("mini") and (folder / "summary.json").is_file()
+    assert "training the reference model 'mini' once" in capsys.readouterr().out
+    assert pretrained.ensure("mini") == folder and capsys.readouterr().out == ""  # cached: nothing to do
+
+    assert pretrained.main(["mini", "--retrain"]) == 0  # trains again, with a progress bar
+    out, err = capsys.readouterr()
+    assert "training the reference model 'mini' once" in out and "mini: 100%" in err  # tqdm's bar, named
+    assert out.strip().splitlines()[-1].startswith("mini: 6 steps, ") and out.strip().endswith(f"-> {folder}")
+    assert "bits per byte" in out
+
+    assert pretrained.main(["gpt5"]) == 2
+    assert capsys.readouterr().err.startswith("error: no reference model 'gpt5'")
+
+
+def test_an_interrupted_training_is_resumed_by_the_next_call(preset, monkeypatch, capsys):
+    """Ctrl-C while the reference model trains: a checkpoint, no finished folder; the next load goes on."""
+    forward_backward, interrupted = Trainer.forward_backward, []
+
+    def ctrl_c_at_step_4(self, step):
+        if step == 4 and not interrupted and self.run_dir.name.endswith(".partial"):  # not the speed probe
+            interrupted.append(step)
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: the step finishes, a checkpoint is saved
+        return forward_backward(self, step)
+
+    monkeypatch.setattr(Trainer, "forward_backward", ctrl_c_at_step_4)
+    with pytest.raises(Interrupted, match="SIGINT: stopped at step 5; checkpoint of step 5 saved"):
+        pretrained.load("mini", progress=False)
+    assert not pretrained.model_dir("mini").exists()
+    assert pretrained.main(["mini", "--no-progress"]) == 0
+    assert "resuming the training of the reference model 'mini'" in capsys.readouterr().out
+    assert [m["step"] for m in pretrained.load("mini").metrics() if "val_loss" in m] == [0, 3, 6]

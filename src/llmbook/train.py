@@ -278,12 +278,14 @@ class Trainer:
             raise self._diverged("a loss, gradient norm or weight is NaN or infinite")
 
     def _diverged(self, what: str) -> DivergedError:
-        kept = (f"the last good checkpoint (step {self.checkpoint_step}) is kept in {self.run_dir / 'checkpoint.pt'}"
-                if self.checkpoint_step is not None else "no checkpoint was saved")
-        return DivergedError(
-            f"training diverged by step {self.step}: {what}; {kept}. Lower lr (now {self.cfg.lr:g}) or grad_clip "
-            f"(now {self.cfg.grad_clip:g}) and continue with --resume --set lr=..., or start over with --overwrite"
-        )
+        lower = f"lower lr (now {self.cfg.lr:g}) or grad_clip (now {self.cfg.grad_clip:g})"
+        if self.checkpoint_step is None:
+            advice = f"no checkpoint was saved; {lower} and start over with --overwrite --set lr=..."
+        else:
+            advice = (f"the last good checkpoint, of step {self.checkpoint_step}, is kept in "
+                      f"{self.run_dir / 'checkpoint.pt'}; {lower} and continue with --resume --set lr=..., "
+                      "or start over with --overwrite")
+        return DivergedError(f"training diverged by step {self.step}: {what}; {advice}")
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -695,10 +697,15 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--overwrite", action="store_true", help="replace the run in OUT/NAME with a new one")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    trainer = None
+    trainer, received = None, [signal.SIGINT]
+
+    def interrupt(signum, frame):
+        received[0] = signum
+        raise KeyboardInterrupt
+
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # until training starts, SIGTERM stops us as Ctrl-C does: with a line, not silently
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         cfg = TrainConfig.resolve(args.config, args.overrides)
         trainer = Trainer(cfg, Path(args.out) / cfg.name, progress=not args.no_progress)
@@ -710,13 +717,14 @@ def main(argv: list[str] | None = None) -> int:
         started = trainer is not None and trainer._started
         print(trainer.stop_message("interrupted") if started else "interrupted before training started; nothing "
               "was saved", file=sys.stderr)
-        return 130
+        return 128 + received[0]
     except (ValueError, OSError, RunError, DataNotFoundError, ChecksumError, KeyError) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     return 0
 
 
