@@ -112,6 +112,8 @@ def pytest_collection_finish(session):
     Inside a test item the training would be silent (pytest captures output);
     here it shows its progress bar, and the items then only load the cache.
     """
+    if session.config.option.collectonly:
+        return
     stems = set()
     for item in session.items:
         if isinstance(item, NotebookItem):
