@@ -148,3 +148,22 @@ def test_mlp_dropout_only_in_training():
     assert_close(mlp(x), mlp(x))
     mlp.train()
     assert not torch.allclose(mlp(x), mlp(x))
+
+
+@pytest.mark.parametrize("make", [lambda f: LayerNorm(16, fused=f), lambda f: LayerNorm(16, bias=False, fused=f),
+                                  lambda f: RMSNorm(16, fused=f), lambda f: GELU("tanh", fused=f),
+                                  lambda f: GELU("none", fused=f), lambda f: SiLU(fused=f)],
+                         ids=["layernorm", "layernorm-nobias", "rmsnorm", "gelu-tanh", "gelu-none", "silu"])
+def test_fused_kernels_compute_the_same_function(make):
+    """fused=True (PyTorch's kernel, what the trainer runs) and the from-scratch code agree, values and gradients."""
+    ours, fused = make(False), make(True)
+    randomize(ours, fused)
+    check_same(ours, fused, torch.randn(3, 5, 16) * 3 + 1)
+    assert ours.fused is False and fused.fused is True
+
+
+def test_fused_rmsnorm_keeps_dtype():
+    norm = RMSNorm(8, fused=True)
+    x = torch.randn(4, 8).bfloat16()
+    assert norm(x).dtype == torch.bfloat16
+    assert_close(norm(x), RMSNorm(8)(x))

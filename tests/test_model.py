@@ -168,3 +168,26 @@ def test_backward_reaches_every_parameter():
         idx = torch.randint(0, model.cfg.vocab_size, (2, 8))
         model(idx, idx)[1].backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_fused_kernels_same_loss_and_gradients(name):
+    """use_fused_kernels swaps every norm and activation for PyTorch's kernel; the model computes the same."""
+    ours = GPT.from_preset(name)
+    fused = GPT(ours.cfg)
+    fused.load_state_dict(ours.state_dict())
+    assert fused.use_fused_kernels() is fused
+    flags = [m.fused for m in fused.modules() if hasattr(m, "fused")]
+    assert len(flags) >= 2 * ours.cfg.n_layers + 1 and all(flags)  # two norms per block, the final norm, ...
+    assert not any(m.fused for m in ours.modules() if hasattr(m, "fused"))  # from scratch unless asked
+    idx = torch.randint(0, ours.cfg.vocab_size, (2, 16))
+    losses = []
+    for model in (ours, fused):
+        _, loss = model(idx, idx.roll(-1, dims=1))
+        loss.backward()
+        losses.append(loss)
+    assert_close(losses[0], losses[1], **FP32)
+    for (name_, a), b in zip(ours.named_parameters(), fused.parameters(), strict=True):
+        assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name_)
+    fused.use_fused_kernels(False)
+    assert not any(m.fused for m in fused.modules() if hasattr(m, "fused"))

@@ -20,6 +20,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # --- Normalization ----------------------------------------------------------------------------------------------------
@@ -72,15 +73,19 @@ class LayerNorm(nn.Module):
     ``[1, 2, 3] -> [-1.22, 0, 1.22]`` (mean 2, variance 2/3), whatever else is
     in the batch. ``weight`` and ``bias`` (learned, per channel) let the model
     undo the normalization where that helps; ``bias=False`` drops the shift.
+    ``fused=True`` hands the same computation to PyTorch's one-pass kernel
+    (``GPT.use_fused_kernels``; tests/test_layers.py checks that both agree).
     """
 
-    def __init__(self, d: int, eps: float = 1e-5, bias: bool = True):
+    def __init__(self, d: int, eps: float = 1e-5, bias: bool = True, fused: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.ones(d))
         self.bias = nn.Parameter(torch.zeros(d)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:  # one pass over x instead of several, and a fused backward
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         mean = x.mean(dim=-1, keepdim=True)  # (..., 1)
         var = x.var(dim=-1, keepdim=True, unbiased=False)  # (..., 1), biased, as torch.nn.LayerNorm
         y = (x - mean) / torch.sqrt(var + self.eps) * self.weight
@@ -94,14 +99,17 @@ class RMSNorm(nn.Module):
     2019): ``[1, 2, 3]`` has RMS sqrt(14/3) = 2.16 and becomes ``[0.46, 0.93, 1.39]``.
     Computed in float32 whatever the input dtype, because mean(x²) of bf16
     values loses most of its digits; the result comes back in the input dtype.
+    ``fused=True`` calls PyTorch's ``F.rms_norm`` for the same computation.
     """
 
-    def __init__(self, d: int, eps: float = 1e-6):
+    def __init__(self, d: int, eps: float = 1e-6, fused: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., C), RMS 1
         return (y * self.weight.float()).to(x.dtype)
@@ -130,13 +138,17 @@ def silu(x: Tensor) -> Tensor:
 
 
 class GELU(nn.Module):
-    def __init__(self, approximate: Literal["tanh", "none"] = "tanh"):
+    """``gelu`` as a module; ``fused=True`` computes it with PyTorch's one-kernel ``F.gelu`` instead."""
+
+    def __init__(self, approximate: Literal["tanh", "none"] = "tanh", fused: bool = False):
         super().__init__()
         if approximate not in ("tanh", "none"):
             raise ValueError(f"approximate must be 'tanh' or 'none', got {approximate!r}")
-        self.approximate = approximate
+        self.approximate, self.fused = approximate, fused
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return F.gelu(x, approximate=self.approximate)
         return gelu(x, self.approximate)
 
     def extra_repr(self) -> str:
@@ -144,8 +156,14 @@ class GELU(nn.Module):
 
 
 class SiLU(nn.Module):
+    """``silu`` as a module; ``fused=True`` computes it with PyTorch's one-kernel ``F.silu`` instead."""
+
+    def __init__(self, fused: bool = False):
+        super().__init__()
+        self.fused = fused
+
     def forward(self, x: Tensor) -> Tensor:
-        return silu(x)
+        return F.silu(x) if self.fused else silu(x)
 
 
 # --- Feed-forward -----------------------------------------------------------------------------------------------------
@@ -184,8 +202,9 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(d_model, d_ff, bias=bias)
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.act = SiLU()  # fused=True: PyTorch's kernel for the same function
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = silu(self.gate(x)) * self.up(x)  # (B, T, d_ff): the gate scales each proposed feature
+        h = self.act(self.gate(x)) * self.up(x)  # (B, T, d_ff): the gate scales each proposed feature
         return self.drop(self.down(h))  # (B, T, d_model)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from llmbook.attention import ATTENTION_BACKENDS, KVCache, MultiHeadAttention
-from llmbook.layers import MLP, LayerNorm, RMSNorm, SwiGLU
+from llmbook.layers import GELU, MLP, LayerNorm, RMSNorm, SiLU, SwiGLU
 from llmbook.rope import RotaryEmbedding
 from llmbook.shapes import SHAPES, DerivedSizes, ModelShape, Registry
 
@@ -182,6 +182,19 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def use_fused_kernels(self, fused: bool = True) -> GPT:
+        """Compute the norms and activations with PyTorch's fused kernels (``F.layer_norm``, ``F.gelu``, ...).
+
+        The same functions (tests/test_layers.py checks each against ours), in
+        fewer passes over memory: at small widths a step is dominated by such
+        elementwise passes, and the trainer turns this on. Attention's kernel is
+        ``cfg.attention``'s choice. Returns the model.
+        """
+        for module in self.modules():
+            if isinstance(module, (LayerNorm, RMSNorm, GELU, SiLU)):
+                module.fused = fused
+        return self
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GPT:
