@@ -9,7 +9,12 @@ Measures, in one run and side by side:
   and on Tiny Shakespeare at 4,096, each with ``<|endoftext|>`` as a special token;
 * encoding speed on Tiny Shakespeare with GPT-2's ranks: ours
   (``Tokenizer.from_tiktoken("gpt2").encode_ordinary``) vs tiktoken's
-  ``encode_ordinary``, which runs on one thread, and whether the ids agree.
+  ``encode_ordinary``, which runs on one thread, and whether the ids agree;
+* hostile text: one megabyte of a single repeated letter, which GPT-2's
+  pattern makes one pre-token of a million bytes (and a megabyte of random
+  letters, one pre-token with thousands of different merges): time, ours vs
+  tiktoken, identical ids, and the peak memory our encoder allocates
+  (``tracemalloc``; tiktoken's Rust memory is not visible to it).
 
 Times are the best of a few runs (the least disturbed one). Our encoder caches
 the ids of every pre-token it has seen, so its speed is measured with a fresh
@@ -17,9 +22,12 @@ tokenizer each run ("cold", the fair comparison) and, for information, on a
 second pass over the same text ("warm").
 
 Targets (the script exits with status 1 when one is missed):
-corpus.en at vocab 500 trains in under 1.5 s, and our encoder runs at least
-0.25x tiktoken's speed with identical ids. Results, with the hardware, the date
-and the library versions, go to benchmarks/results/tokenizer.json.
+corpus.en at vocab 500 trains in under 1.5 s, our encoder runs at least
+0.25x tiktoken's speed with identical ids, and encodes a megabyte of one
+repeated letter in at most 2 s with identical ids, allocating at most 200
+bytes per input byte at its peak (linear, not quadratic). Results, with the
+hardware, the date and the library versions, go to
+benchmarks/results/tokenizer.json.
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ import io
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -42,6 +52,9 @@ SPECIAL = "<|endoftext|>"
 REPEATS = 3
 TARGET_CORPUS_EN_SECONDS = 1.5
 TARGET_ENCODE_RATIO = 0.25
+HOSTILE_CHARS = 1_000_000
+TARGET_HOSTILE_SECONDS = 2.0
+TARGET_HOSTILE_BYTES_PER_BYTE = 200
 
 # Offline by default: use the repository's shared data folder when none is set.
 _SHARED = ROOT.parent / "shared" / "data"
@@ -136,6 +149,39 @@ def bench_encoding() -> dict:
     }
 
 
+def bench_hostile() -> list[dict]:
+    """One megabyte that is a single pre-token: ours vs tiktoken, best of ``REPEATS``, and our peak memory."""
+    enc = data.tiktoken_encoding("gpt2")
+    tok = bpe.Tokenizer.from_tiktoken("gpt2")
+    rng = random.Random(0)
+    texts = {
+        "one letter repeated (a * 1M)": "a" * HOSTILE_CHARS,
+        "random lowercase letters (1M)": "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=HOSTILE_CHARS)),
+    }
+    rows = []
+    for what, text in texts.items():
+        assert len(tok._split(text)) == 1  # one pre-token: the case the merge loop must survive
+        theirs = enc.encode_ordinary(text)
+        tiktoken_s, _ = best_of(enc.encode_ordinary, text)
+        ours_s, _ = best_of(tok.encode_ordinary, text)
+        tracemalloc.start()
+        ours = tok.encode_ordinary(text)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        rows.append({
+            "text": what,
+            "megabytes": round(len(text.encode("utf-8")) / 1e6, 3),
+            "tokens": len(theirs),
+            "identical_ids": ours == theirs,
+            "ours_s": round(ours_s, 3),
+            "tiktoken_s": round(tiktoken_s, 3),
+            "ours_over_tiktoken": round(ours_s / tiktoken_s, 2),
+            "ours_peak_mb": round(peak / 1e6, 1),
+            "ours_peak_bytes_per_byte": round(peak / len(text.encode("utf-8")), 1),
+        })
+    return rows
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -176,6 +222,13 @@ def main() -> int:
     print(f"  identical ids: {encoding['identical_ids']}; loading GPT-2's ranks into ours took "
           f"{encoding['ours_load_gpt2_s']:.2f} s")
 
+    hostile = bench_hostile()
+    print("\nhostile text: one pre-token of a million bytes, GPT-2 ranks")
+    for row in hostile:
+        print(f"  {row['text']:<32} ours {row['ours_s']:6.2f} s, tiktoken {row['tiktoken_s']:6.2f} s "
+              f"(ours/tiktoken {row['ours_over_tiktoken']:.1f}x); identical ids: {row['identical_ids']}; "
+              f"our peak allocation {row['ours_peak_mb']:.0f} MB = {row['ours_peak_bytes_per_byte']:.0f} B/byte")
+
     corpus_en = training[0]["ours_s"]
     targets = {
         "corpus_en_vocab500_under_1.5s": {
@@ -188,6 +241,17 @@ def main() -> int:
         },
         "encode_identical_ids": {"target": "ids == tiktoken's", "value": encoding["identical_ids"],
                                  "met": encoding["identical_ids"]},
+        "one_letter_1MB_under_2s": {
+            "target": f"<= {TARGET_HOSTILE_SECONDS} s, ids == tiktoken's", "value": hostile[0]["ours_s"],
+            "met": hostile[0]["ours_s"] <= TARGET_HOSTILE_SECONDS and hostile[0]["identical_ids"],
+        },
+        "hostile_memory_linear": {
+            "target": f"<= {TARGET_HOSTILE_BYTES_PER_BYTE} bytes allocated per input byte",
+            "value": max(row["ours_peak_bytes_per_byte"] for row in hostile),
+            "met": all(row["ours_peak_bytes_per_byte"] <= TARGET_HOSTILE_BYTES_PER_BYTE for row in hostile),
+        },
+        "hostile_identical_ids": {"target": "ids == tiktoken's", "value": all(r["identical_ids"] for r in hostile),
+                                  "met": all(r["identical_ids"] for r in hostile)},
     }
     print("\ntargets:")
     for name, t in targets.items():
@@ -201,6 +265,7 @@ def main() -> int:
         "repeats": REPEATS,
         "training": training,
         "encoding": encoding,
+        "hostile": hostile,
         "targets": targets,
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
