@@ -295,9 +295,15 @@ def test_load_model_checks_the_config_before_allocating(cfg, tmp_path, monkeypat
     state = load_checkpoint(run / "model.pt")
     crafted = {**state, "model_config": {**state["model_config"], "d_model": 4096, "n_layers": 64}}  # 51 GB
     save_checkpoint(run / "model.pt", crafted)
-    built = []
-    real_gpt = train.GPT
-    monkeypatch.setattr(train, "GPT", lambda c: built.append(torch.empty(0).device.type) or real_gpt(c))
+    built, real_gpt = [], train.GPT
+
+    def spy(config):  # where each model is built; a real 51 GB model would end the test run (out of memory)
+        built.append(torch.empty(0).device.type)
+        if built[-1] != "meta" and config.d_model == 4096:
+            pytest.fail("load_model allocated the crafted model")
+        return real_gpt(config)
+
+    monkeypatch.setattr(train, "GPT", spy)
     with pytest.raises(CheckpointError, match=r"model_config \([\d.]+ ?B parameters\) does not match the tensors"):
         load_model(run)
     assert built == ["meta"]  # only the shapes were built, nothing allocated

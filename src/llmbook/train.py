@@ -362,7 +362,7 @@ class Trainer:
                         else "drop --resume to start a new run")
                 raise RunError(f"nothing to resume: {self.run_dir} has no checkpoint.pt; {hint}")
             return self.restore()
-        if found and self.is_main and not overwrite:
+        if found and not overwrite:
             raise RunError(f"{self.run_dir} already holds a run ({', '.join(found)}): continue it with --resume "
                            "(resume=True), replace it with --overwrite (overwrite=True), or choose another --out/name")
         return False
