@@ -160,6 +160,21 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(cfg, tmp_path, caps
     assert not (tmp_path / "out" / "tiny" / "model.pt").exists()
 
 
+@pytest.mark.parametrize("fp16_scaler", [False, True])
+def test_an_infinite_gradient_norm(cfg, tmp_path, monkeypatch, fp16_scaler):
+    """Divergence, except with fp16's GradScaler, which overflows on purpose while it calibrates and skips the step."""
+    trainer = Trainer(cfg, tmp_path / "r", progress=False)
+    optimizer_step = trainer.optimizer_step
+    monkeypatch.setattr(trainer, "optimizer_step", lambda lr: optimizer_step(lr) * (math.inf if trainer.step == 2
+                                                                                    else 1.0))
+    monkeypatch.setattr(trainer.scaler, "is_enabled", lambda: fp16_scaler)
+    if fp16_scaler:
+        assert trainer.train()["steps"] == 8
+    else:
+        with pytest.raises(DivergedError, match="diverged by step 4"):  # noticed at the next log record
+            trainer.train()
+
+
 def test_nan_weights_are_never_saved(cfg, tmp_path):
     trainer = Trainer(cfg, tmp_path / "r", progress=False)
     trainer.train(stop_at=4)

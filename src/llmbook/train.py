@@ -444,7 +444,9 @@ class Trainer:
         while self.step < end and stop.signum is None:
             start = time.perf_counter()
             loss, norm = self.train_step()
-            self._nonfinite |= ~torch.isfinite(loss) if norm is None else ~(torch.isfinite(loss) & torch.isfinite(norm))
+            # fp16's GradScaler makes an infinite norm on purpose now and then, and skips that step: not a divergence
+            check_norm = norm is not None and not self.scaler.is_enabled()
+            self._nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(norm)) if check_norm else ~torch.isfinite(loss)
             window_loss += loss
             window_steps += 1
             record = None
