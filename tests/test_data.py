@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 from pathlib import Path
 
@@ -116,3 +118,19 @@ def test_shared_data_when_present():
         pytest.skip("LLMBOOK_DATA_DIR is not set")
     for name in data.DATASETS:
         assert data.local_copy(name) is not None, name
+
+
+def test_file_lock_makes_a_second_holder_wait(tmp_path):
+    order = []
+
+    def second():
+        with data.file_lock(tmp_path / "sub" / ".x.lock"):
+            order.append("second")
+
+    with data.file_lock(tmp_path / "sub" / ".x.lock"):  # creates the folder and the file
+        thread = threading.Thread(target=second)
+        thread.start()
+        time.sleep(0.2)
+        order.append("first")  # the second holder is still waiting
+    thread.join(10)
+    assert order == ["first", "second"]
