@@ -66,6 +66,7 @@ def test_generate(preset, monkeypatch):
 
     def spy(model, prompts, n, **kw):
         assert len(prompts[0]) + n <= model.cfg.context_length
+        assert kw["vocab_size"] == ref.tokenizer.vocab_size  # never an id of the output layer's padding
         pieces.append(generate_ids(model, prompts, n, **kw)[0])
         return [pieces[-1]]
 

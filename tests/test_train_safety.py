@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import random
@@ -10,7 +11,7 @@ import random
 import pytest
 import torch
 
-from llmbook import train
+from llmbook import train, train_config
 from llmbook.checkpoint import load_checkpoint, save_checkpoint
 from llmbook.errors import CacheError, CheckpointError, DivergedError, RunError
 from llmbook.train import TRAIN_PRESETS, TrainConfig, Trainer, load_model, main
@@ -323,9 +324,21 @@ def test_load_model_checks_the_config_before_allocating(cfg, tmp_path, monkeypat
         load_model(run)
     assert built == ["meta"]  # only the shapes were built, nothing allocated
 
+    save_checkpoint(run / "model.pt", state)
+    (run / "tokenizer.json").write_text("{")
+    with pytest.raises(RunError, match=f"{run / 'tokenizer.json'} is damaged"):
+        load_model(run)
+
     save_checkpoint(run / "model.pt", {**state, "model_config": {"d_model": "abc"}})
     with pytest.raises(CheckpointError, match="invalid model_config"):
         load_model(run)
     save_checkpoint(run / "model.pt", {"weights": 1})
     with pytest.raises(CheckpointError, match="not a model.pt or checkpoint.pt"):
         load_model(run)
+
+
+def test_preset_comments_quote_nanogpt_exactly():
+    source = inspect.getsource(train_config)
+    assert "PLACEHOLDER" not in source and "1.58" not in source
+    assert '"This still runs in about ~3 minutes, but gets us a loss of only 1.88"' in source  # nanoGPT's README
+    assert "max_steps=7000 is ours, not nanoGPT's" in source
