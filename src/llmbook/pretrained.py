@@ -74,7 +74,7 @@ class Pretrained:
         from the last half of it (it forgets the rest, as it must). Only ids
         the tokenizer has are drawn, never the output layer's padding.
         """
-        ids = self.tokenizer.encode(prompt)
+        ids = self.tokenizer.encode_ordinary(prompt)  # "<|endoftext|>" typed in a prompt is text
         if not ids:
             raise ValueError("the prompt must not be empty: the model needs at least one token to continue")
         device = next(self.model.parameters()).device

@@ -231,7 +231,7 @@ class Trainer:
         vocabulary is padded to a multiple of 64) stand for no text.
         """
         tok = self.data.tokenizer
-        prompt = tok.encode(self.cfg.sample_prompt)
+        prompt = tok.encode_ordinary(self.cfg.sample_prompt)
         n = min(self.cfg.sample_tokens, self.cfg.context_length - len(prompt))
         if n <= 0:
             return ""

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from heapq import heapify, heappop, heappush
 from pathlib import Path
@@ -570,9 +571,15 @@ class Tokenizer:
         text += f'  "special_tokens": {json.dumps(self.special_tokens)},\n'
         text += '  "vocab": {\n' + ",\n".join(tokens) + "\n  },\n"
         text += '  "merges": [\n' + ",\n".join(merges) + "\n  ]\n}\n"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)  # atomic: a crash never leaves half a file
+        # a unique temporary name in the same folder: two processes saving at once never share one
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)  # atomic: a crash never leaves half a file
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
