@@ -66,6 +66,9 @@ def test_labels_are_unique_and_every_reference_resolves():
     """One book, one LaTeX namespace: a label used twice makes \\ref point at the wrong figure."""
     defined: dict[str, str] = {}
     referenced: set[tuple[str, str]] = set()
+    for path in BOOK.front:  # the front matter's chapters (preface, notation) can be referenced too
+        for label in re.findall(r"\{#([\w-]+)\}", path.read_text()):
+            defined[label] = path.name
     for ch in BOOK.chapters:
         text = ch.source("chapters").read_text()
         for label in re.findall(r'label="([\w-]+)"', text) + re.findall(r"\{#([\w-]+)\}", text):
