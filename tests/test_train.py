@@ -102,7 +102,7 @@ def test_presets_follow_the_spec():
     assert (tiny.eval_interval, tiny.eval_batches) == (10, 4)
     nano = TRAIN_PRESETS["shakespeare-nanogpt"]
     assert (nano.model, nano.tokenizer, nano.context_length, nano.batch_size, nano.lr, nano.max_steps) == (
-        "shakespeare-char", "bytes", 64, 12, 1e-3, 7000)
+        "nanogpt-char-cpu", "bytes", 64, 12, 1e-3, 2000)
     assert (nano.warmup, nano.min_lr_ratio, nano.beta2, nano.weight_decay) == (100, 0.1, 0.99, 0.1)
     assert nano.model_config(256).dropout == 0.0
 

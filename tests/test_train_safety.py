@@ -341,4 +341,4 @@ def test_preset_comments_quote_nanogpt_exactly():
     source = inspect.getsource(train_config)
     assert "PLACEHOLDER" not in source and "1.58" not in source
     assert '"This still runs in about ~3 minutes, but gets us a loss of only 1.88"' in source  # nanoGPT's README
-    assert "max_steps=7000 is ours, not nanoGPT's" in source
+    assert "max_steps=2000 follows that run" in source
