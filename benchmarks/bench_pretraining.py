@@ -307,7 +307,7 @@ def main() -> int:
     result = json.loads(RESULTS.read_text(encoding="utf-8")) if RESULTS.is_file() else {}
     machine = {**machine_summary(), "platform": platform.platform()}
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    speed = {"date": now, "machine": machine,
+    speed = {"date": now, "machine": machine, "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
              "trainer_vs_bare": trainer_vs_bare(args.steps, args.rounds),
              "reference_kernels": reference_kernels(max(10, args.steps // 2), args.rounds)}
     result["speed"] = speed
