@@ -187,9 +187,9 @@ class GPT(nn.Module):
         """Compute the norms and activations with PyTorch's fused kernels (``F.layer_norm``, ``F.gelu``, ...).
 
         The same functions (tests/test_layers.py checks each against ours), in
-        fewer passes over memory: at small widths a step is dominated by such
-        elementwise passes, and the trainer turns this on. Attention's kernel is
-        ``cfg.attention``'s choice. Returns the model.
+        fewer passes over memory, which is what a step at small widths spends
+        much of its time on (benchmarks/bench_pretraining.py measures it).
+        Attention's kernel is ``cfg.attention``'s choice. Returns the model.
         """
         for module in self.modules():
             if isinstance(module, (LayerNorm, RMSNorm, GELU, SiLU)):
