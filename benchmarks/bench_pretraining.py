@@ -11,7 +11,7 @@ Measures on this machine, with nothing else running:
   tokens per second, and the held-out bits per byte of Tiny Shakespeare.
   Target: at most 2.2 bits per byte within 5 minutes of training;
 * with ``--baseline``, nanoGPT's character-level CPU recipe
-  (``shakespeare-nanogpt``: 4 × 128, context 64, batch 12, 7,000 steps) for
+  (``shakespeare-nanogpt``: 4 × 128, context 64, batch 12, 2,000 steps) for
   the same measurements;
 * the time of one optimizer step of our from-scratch ``AdamW`` (a loop over the
   parameters) against ``torch.optim.AdamW`` (foreach, and fused) on the reference

@@ -191,3 +191,15 @@ def test_fused_kernels_same_loss_and_gradients(name):
         assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name_)
     fused.use_fused_kernels(False)
     assert not any(m.fused for m in fused.modules() if hasattr(m, "fused"))
+
+
+def test_attention_dropout_is_separate_from_dropout():
+    """attention_dropout=0 keeps the other dropouts but none on the attention probabilities (SDPA's fast path)."""
+    cfg = ModelConfig.preset("gpt-tiny", dropout=0.1, attention_dropout=0.0)
+    model = GPT(cfg)
+    assert all(block.attn.dropout == 0.0 for block in model.blocks)
+    assert all(block.drop.p == 0.1 for block in model.blocks)
+    assert all(block.attn.dropout == 0.1 for block in GPT(ModelConfig.preset("gpt-tiny", dropout=0.1)).blocks)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="attention_dropout"):
+            ModelConfig.preset("gpt-tiny", attention_dropout=bad)

@@ -36,7 +36,7 @@ def preset(tmp_path, monkeypatch, seed_and_one_thread) -> TrainConfig:
 def test_trains_once_then_loads(preset, tmp_path, monkeypatch, capsys):
     ref = pretrained.load("mini", progress=False)
     out = capsys.readouterr().out
-    assert "training the reference model 'mini' once" in out and "about" in out
+    assert "training the reference model 'mini' once" in out and "6 steps" in out and "resumes" in out
 
     folder = ref.run_dir
     assert folder.parent == tmp_path / "cache" / "models" and folder.name.startswith("mini-")

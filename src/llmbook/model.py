@@ -57,6 +57,9 @@ class ModelConfig(DerivedSizes):
     bias: bool = True  # in every Linear and LayerNorm; Llama has none
     tied_embeddings: bool = True  # lm_head reuses tok_emb's matrix (GPT-2), saving vocab·d parameters
     dropout: float = 0.0  # 0 for pretraining on lots of data; 0.1-0.2 for small data sets
+    # on the attention probabilities; None: the same as dropout. 0 keeps SDPA on its fast CPU kernel
+    # (with dropout on the probabilities it takes a path about 2x slower: benchmarks/bench_pretraining.py)
+    attention_dropout: float | None = None
     rope_theta: float = 10000.0  # RoPE's frequency base (Llama 2); only with positions="rope"
     norm_eps: float = 1e-5  # added to the variance before the square root
     attention: str = "manual"  # a name in llmbook.attention.ATTENTION_BACKENDS: "manual" (Chapter 4), "sdpa", ...
@@ -73,6 +76,8 @@ class ModelConfig(DerivedSizes):
             raise ValueError(f"RoPE rotates pairs of dimensions: head_dim={self.head_dim} must be even")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1) or None, got {self.attention_dropout}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"unknown attention backend {self.attention!r}; registered: {', '.join(ATTENTION_BACKENDS)}"
@@ -126,7 +131,8 @@ class Block(nn.Module):
             rope = RotaryEmbedding(cfg.head_dim, max_seq_len=cfg.context_length, theta=cfg.rope_theta)
         self.norm1 = _norm(cfg)
         self.attn = MultiHeadAttention(
-            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, bias=cfg.bias, dropout=cfg.dropout, rope=rope,
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, bias=cfg.bias, rope=rope,
+            dropout=cfg.dropout if cfg.attention_dropout is None else cfg.attention_dropout,
             backend=cfg.attention,
         )
         self.drop = nn.Dropout(cfg.dropout)  # on attention's output, as nanoGPT's resid_dropout

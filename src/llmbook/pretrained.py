@@ -42,7 +42,7 @@ from llmbook.data import ChecksumError, DataNotFoundError
 from llmbook.errors import Interrupted, RunError
 from llmbook.generate import generate as generate_ids
 from llmbook.model import GPT
-from llmbook.train import TRAIN_PRESETS, TrainConfig, Trainer, load_model, read_jsonl, steps_for_budget
+from llmbook.train import TRAIN_PRESETS, TrainConfig, Trainer, load_model, read_jsonl
 
 
 @dataclass
@@ -115,9 +115,9 @@ def _train_once(name: str, folder: Path, progress: bool, retrain: bool) -> None:
     if resume:
         print(f"resuming the training of the reference model '{name}' in {partial}")
     else:
-        estimate = cfg.max_steps * 60.0 / steps_for_budget(cfg, 60.0, probe_steps=5)
-        print(f"training the reference model '{name}' once on this machine (about {units.duration(estimate)}); "
-              f"later calls load it from {folder}")
+        # no up-front estimate: a few probe steps on a busy machine misjudge it badly; the bar shows the time left
+        print(f"training the reference model '{name}' once on this machine ({cfg.max_steps} steps, minutes on a "
+              f"laptop; interrupt any time, the next call resumes); later calls load it from {folder}")
     # a .partial folder without a checkpoint holds only the logs of a try killed before its first save
     Trainer(cfg, partial, progress=progress).train(resume=resume, overwrite=not resume)
     old = folder.with_name(folder.name + ".old")

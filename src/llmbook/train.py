@@ -146,6 +146,7 @@ class Trainer:
         seed_everything(cfg.seed, deterministic=False)  # the initial weights, and dropout from here on
         self.raw_model = GPT(self.model_config).to(self.device)
         self.raw_model.activation_checkpointing = cfg.activation_checkpointing
+        self.raw_model.use_fused_kernels(cfg.fused_kernels)  # PyTorch's kernels for norms and activations
         self.model = self.wrap_model(self.raw_model)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.optimizer = AdamW(param_groups(self.raw_model, cfg.weight_decay), lr=cfg.lr,

@@ -51,6 +51,9 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" | "bf16" (CPU or CUDA autocast) | "fp16" (CUDA only, GradScaler)
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more time
     compile: bool = False  # torch.compile the model
+    # PyTorch's kernels for the norms and activations: the same functions as the book's (tests/test_layers.py),
+    # 1.2-1.45x faster a step at nanoGPT's CPU size (benchmarks/bench_pretraining.py); False: the book's own
+    fused_kernels: bool = True
     device: str = "auto"  # "auto": cuda if available, else cpu
     threads: int | None = None  # torch.set_num_threads on CPU
     eval_interval: int = 250  # and at the first and last step; 0: only at the end
@@ -252,8 +255,11 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # Tuned to train in about 4.5 minutes on 2 CPU cores. BPE-1024 tokens carry ~2.2 bytes each, so a context of 128
     # tokens sees ~280 characters; ~9 passes over the 1 MB of text would overfit without dropout 0.1
     # (measured: 2.18 bits per byte without dropout, 2.11 with 0.1, 2.16 with 0.2, 2.2+ with BPE-512).
+    # No dropout on the attention probabilities: with it SDPA leaves its fast CPU kernel, and the step is ~1.27x
+    # slower; one full run measured 2.124 bits per byte without it (benchmarks/bench_pretraining.py).
     "shakespeare": TrainConfig(
-        name="shakespeare", model="laptop-llama", model_overrides={"attention": "sdpa", "dropout": 0.1},
+        name="shakespeare", model="laptop-llama",
+        model_overrides={"attention": "sdpa", "dropout": 0.1, "attention_dropout": 0.0},
         tokenizer="bpe-1024", batch_size=12, context_length=128, max_steps=2300, lr=2e-3, eval_interval=250,
     ),
     # nanoGPT's CPU configuration for shakespeare_char (its README: 4 layers, 4 heads, width 128, context 64,
@@ -261,7 +267,8 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {
     # of iterations to 2000" and "This still runs in about ~3 minutes, but gets us a loss of only 1.88".
     # max_steps=2000 follows that run (cosine decay over the 2000 steps); what this run reaches is measured, not quoted.
     "shakespeare-nanogpt": TrainConfig(
-        name="shakespeare-nanogpt", model="nanogpt-char-cpu", model_overrides={"dropout": 0.0}, tokenizer="bytes",
+        name="shakespeare-nanogpt", model="nanogpt-char-cpu", tokenizer="bytes",
+        model_overrides={"dropout": 0.0, "attention": "sdpa"},  # nanoGPT's attention is PyTorch's SDPA too
         context_length=64, batch_size=12, lr=1e-3, max_steps=2000, warmup_steps=100, min_lr_ratio=0.1,
         beta2=0.99, weight_decay=0.1, eval_interval=500,
     ),
