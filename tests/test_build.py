@@ -201,3 +201,41 @@ def test_how_to_use_says_where_the_data_comes_from_and_how_to_run_without_tex():
         assert needed in text, f"book/how_to_use.md must mention {needed!r}"
     rule = re.search(r"^notebooks:(.*)$", (build_pdf.ROOT / "Makefile").read_text(), re.M)
     assert rule and "tex" not in rule.group(1).split("#")[0], "`make notebooks` must not need TeX"
+
+
+PLAN = {9: "supervised fine-tuning", 10: "preference tuning"}  # the book's plan (README, book.toml)
+
+
+def test_references_to_later_chapters_follow_the_plan():
+    """Chapter 9 is supervised fine-tuning, Chapter 10 preference tuning: no sentence mixes them up."""
+    for ch in BOOK.chapters:
+        for kind in ("chapters", "solutions"):
+            text = " ".join(ch.source(kind).read_text().split())
+            for sentence in re.split(r"(?<=[.;])\s", text):
+                if "Chapter 10" in sentence and "Chapter 9" not in sentence:
+                    assert "fine-tun" not in sentence or "preference" in sentence, f"{ch.stem}: {sentence}"
+                if "Chapter 9" in sentence and "Chapter 10" not in sentence:
+                    assert "preference" not in sentence and "DPO" not in sentence, f"{ch.stem}: {sentence}"
+
+
+def test_front_matter_has_the_notation_table():
+    assert build_pdf.BOOK_DIR / "notation.md" in BOOK.front
+    table = (build_pdf.BOOK_DIR / "notation.md").read_text()
+    for symbol in ("$B$", "$T$", "$V$", "$d$", "$L$", "$H$", "$d_h$", "$d_{ff}$", "$N$", "$D$", "$C$"):
+        assert f"| {symbol} |" in table, f"the notation table has no row for {symbol}"
+
+
+def test_the_tests_and_the_build_share_one_execution(tmp_path, monkeypatch):
+    """What a test run executed (build/cache), the book renders without executing again."""
+    src = tmp_path / "chapters" / "01_x.md"
+    src.parent.mkdir()
+    src.write_text("```python\nprint('executed once')\n```\n")
+    monkeypatch.setattr(build_pdf.Chapter, "source", lambda self, kind: tmp_path / kind / f"{self.stem}.md")
+    digest = "same sources"
+    build_pdf.run_notebook(src, "chapters", cache_dir=tmp_path / "cache", work_dir=tmp_path / "work",
+                           digest=digest, progress=False)
+    args = build_pdf.parse_args(["--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")])
+    stats = build_pdf.Stats()
+    nb = build_pdf.executed_notebook(build_pdf.Chapter("01_x"), "chapters", args, stats, digest)
+    assert (stats.cached, stats.executed) == (1, 0)
+    assert "executed once" in nb.cells[0].outputs[0]["text"]
