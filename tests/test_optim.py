@@ -11,7 +11,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from llmbook.model import GPT
-from llmbook.optim import AdamW, clip_grad_norm, param_groups
+from llmbook.optim import AdamW, ForeachAdamW, clip_grad_norm, param_groups
 from llmbook.schedule import CosineSchedule, set_lr
 
 pytestmark = pytest.mark.usefixtures("seed_and_one_thread")  # tests/conftest.py
@@ -185,3 +185,25 @@ def test_clip_grad_norm_worked_example_and_edges():
     assert clip_grad_norm([nn.Parameter(torch.zeros(2))], 1.0).item() == 0.0  # no gradients at all
     with pytest.raises(ValueError, match="max_norm"):
         clip_grad_norm([p], 0.0)
+
+
+def test_foreach_adamw_equals_the_loop_exactly_and_torch_foreach():
+    """The trainer's ForeachAdamW: the loop's numbers exactly, and torch's foreach=True within float error."""
+    nets = [tiny_net()]
+    nets += [copy.deepcopy(nets[0]) for _ in range(2)]
+    hp = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    opts = [AdamW(groups_of(nets[0]), **hp), ForeachAdamW(groups_of(nets[1]), **hp),
+            torch.optim.AdamW(groups_of(nets[2]), **hp, foreach=True)]
+    schedule = CosineSchedule(peak_lr=1e-2, warmup_steps=10, decay_steps=80)
+    for step in range(60):
+        for net, opt in zip(nets, opts, strict=True):
+            set_lr(opt, schedule(step))
+            loss_of(net, step).backward()
+            if step % 7 == 3:
+                net[0].weight.grad = None  # the embedding's step count falls behind the others'
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for p, q, r in zip(*(n.parameters() for n in nets), strict=True):
+        assert torch.equal(p, q)
+        assert_close(q, r, **TIGHT)
+    assert opts[1].state_dict()["state"].keys() == opts[0].state_dict()["state"].keys()

@@ -85,6 +85,54 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
 
+
+class ForeachAdamW(AdamW):
+    """``AdamW`` with each line applied to all of a group's tensors at once (``torch._foreach_*``).
+
+    The same arithmetic in the same order as ``AdamW.step`` (the tests check
+    the two agree exactly), as PyTorch's ``foreach=True`` does: a model with
+    dozens of small tensors spends much of a per-parameter loop dispatching
+    small operations, and one call per line over the whole list saves that.
+    The trainer uses this one; the chapter reads ``AdamW.step``.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            params, grads, exp_avgs, exp_avg_sqs, ts = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                ts.append(state["step"].item())
+            if not params:
+                continue
+            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in ts])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1**t) for t in ts])
+        return loss
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two optimizer groups: weight matrices of ``nn.Linear`` decay, everything else does not.
 

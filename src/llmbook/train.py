@@ -67,7 +67,7 @@ from llmbook.errors import CheckpointError, DivergedError, Interrupted, RunError
 from llmbook.generate import generate
 from llmbook.losses import bits_per_byte, cross_entropy
 from llmbook.model import GPT, ModelConfig
-from llmbook.optim import AdamW, clip_grad_norm, param_groups
+from llmbook.optim import ForeachAdamW, clip_grad_norm, param_groups
 from llmbook.schedule import CosineSchedule, set_lr
 from llmbook.seeding import seed_everything
 from llmbook.train_config import PRECISIONS, TRAIN_PRESETS, TrainConfig  # noqa: F401 (re-exported)
@@ -149,7 +149,8 @@ class Trainer:
         self.raw_model.use_fused_kernels(cfg.fused_kernels)  # PyTorch's kernels for norms and activations
         self.model = self.wrap_model(self.raw_model)
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        self.optimizer = AdamW(param_groups(self.raw_model, cfg.weight_decay), lr=cfg.lr,
+        # optim.AdamW's arithmetic, one call per line over all the tensors (exactly equal: tests/test_optim.py)
+        self.optimizer = ForeachAdamW(param_groups(self.raw_model, cfg.weight_decay), lr=cfg.lr,
                                betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
         self.schedule = CosineSchedule(cfg.lr, cfg.warmup, cfg.decay, cfg.min_lr_ratio)
         # fp16's range ends at 65504 and small gradients underflow to 0: scale the loss up, the gradients back down
