@@ -252,8 +252,10 @@ def _read_config_file(path: Path) -> dict:
 
 TRAIN_PRESETS: dict[str, TrainConfig] = {
     # the book's reference model (llmbook.pretrained.load("shakespeare")).
-    # Tuned to train in about 4.5 minutes on 2 CPU cores. BPE-1024 tokens carry ~2.2 bytes each, so a context of 128
-    # tokens sees ~280 characters; ~9 passes over the 1 MB of text would overfit without dropout 0.1
+    # Sized for the 5-minute target on 2 CPU cores (the times measured are in benchmarks/results/pretraining.json;
+    # a slower or busy machine takes longer, and Chapter 7 prints the truth). BPE-1024 tokens carry ~2.2 bytes
+    # each, so a context of 128 tokens sees ~280 characters; ~9 passes over the 1 MB of text would overfit without
+    # dropout 0.1
     # (measured: 2.18 bits per byte without dropout, 2.11 with 0.1, 2.16 with 0.2, 2.2+ with BPE-512).
     # No dropout on the attention probabilities: with it SDPA leaves its fast CPU kernel, and the step is ~1.27x
     # slower; one full run measured 2.124 bits per byte without it (benchmarks/bench_pretraining.py).
