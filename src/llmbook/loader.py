@@ -21,9 +21,7 @@ a tokenizer, write ``train.bin`` and ``val.bin`` (Chapter 3's
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,9 +227,7 @@ def prepare_data(dataset: str, tokenizer: str, val_fraction: float = 0.1, root: 
                 tok = make_tokenizer(tokenizer, train_text)
                 encode_to_array(tok, train_text, train_bin)
                 encode_to_array(tok, val_text, val_bin)
-                fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tokenizer.", suffix=".json")
-                os.close(fd)
-                os.replace(tok.save(tmp), tok_json)  # a unique name, then one atomic rename
+                tok.save(tok_json)  # atomic, through a unique temporary name; written last: the cache's "done" mark
     try:
         return PreparedData(
             dir=folder,
