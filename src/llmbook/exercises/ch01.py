@@ -126,3 +126,120 @@ def check_compute_optimal(compute_optimal):
         expect_close(n, n_expected, f"parameters for a budget of {budget:.3g} FLOPs "
                                     "(solve C = 6·N·(20·N) for N)")
         expect_close(d, d_expected, f"tokens for a budget of {budget:.3g} FLOPs (20 per parameter)")
+
+
+PLAN_KEYS = ("params", "flops_per_token", "states", "activations", "total")
+
+
+def _plan_cases() -> list[tuple[planning.ModelShape, int, int, str]]:
+    """(shape, batch_size, seq_len, precision): toys with distinct numbers first, then real shapes."""
+    toy_gpt = planning.ModelShape("toy-gpt", vocab_size=10, context_length=8, d_model=4, n_layers=1,
+                                  n_heads=2)
+    toy_llama = planning.ModelShape("toy-llama", vocab_size=12, context_length=16, d_model=8, n_layers=2,
+                                    n_heads=4, n_kv_heads=2, d_ff=12, mlp="swiglu", norm="rmsnorm",
+                                    positions="rope", bias=False, tied_embeddings=False)
+    S = planning.PRESETS
+    return [
+        (toy_gpt, 2, 8, "fp32"),
+        (toy_llama, 3, 5, "bf16"),
+        (S["nanogpt-char-cpu"], 4, 32, "autocast"),  # LayerNorm without bias; seq_len < context
+        (S["gpt2-124M"], 8, 1024, "mixed"),
+        (S["tinyllama-1.1B"], 1, 2048, "autocast"),  # grouped-query attention
+        (S["llama2-70B"], 1, 4096, "bf16"),
+    ]
+
+
+def _params_hint(shape: planning.ModelShape, diff: int) -> str:
+    d, L, V = shape.d_model, shape.n_layers, shape.vocab_size
+    kv, ff = shape.kv_heads * shape.head_dim, shape.ff_dim
+    n_mats = 3 if shape.mlp == "swiglu" else 2
+    one_norm = 2 * d if (shape.norm == "layernorm" and shape.bias) else d
+    known: dict[int, str] = {}
+    if shape.tied_embeddings:
+        known[V * d] = "the output head is tied to the token embedding: count that matrix once"
+    else:
+        known[-V * d] = ("a vocab_size x d_model matrix is missing: the token embedding, or the "
+                         "untied output head (tied_embeddings=False)")
+    if shape.positions == "rope":
+        known[shape.context_length * d] = "RoPE has no parameters: no position table"
+    else:
+        known[-shape.context_length * d] = "the learned position table (context_length x d_model) is missing"
+    if kv != d:
+        known[2 * L * d * (d - kv)] = ("with grouped-query attention K and V are d_model x "
+                                       "(n_kv_heads·head_dim), not d_model x d_model")
+    if shape.mlp == "swiglu":
+        known[-L * d * ff] = "SwiGLU has three matrices (gate, up, down), not two"
+    if one_norm == d:
+        known[(2 * L + 1) * d] = ("this norm has a scale only (RMSNorm, or LayerNorm with bias=False): "
+                                  "d_model parameters, not 2·d_model")
+    if not shape.bias:
+        known[L * (2 * d + 2 * kv + (n_mats - 1) * ff + d)] = "bias=False: the shape has no biases"
+    if shape.d_ff is not None and shape.d_ff != 4 * d:
+        known[L * n_mats * d * (4 * d - ff)] = "use shape.d_ff (when set) for the MLP width, not 4·d_model"
+    known.setdefault(-one_norm, "the final norm is missing")
+    known.setdefault(-2 * L * one_norm, "the two norms of each block are missing")
+    return known.get(diff, "attention 2·d² + 2·d·kv_dim, MLP (2 or 3)·d·d_ff, norms, embeddings, "
+                           "and an output head when untied")
+
+
+def _flops_hint(shape: planning.ModelShape, seq_len: int, got: float, expected: float, params: int):
+    d, L, V = shape.d_model, shape.n_layers, shape.vocab_size
+    diff = got - expected
+    candidates = [
+        (-3 * 4 * L * seq_len * d, "the attention term 4·L·T·d per token (forward) is missing"),
+        (12 * L * d * (shape.context_length - seq_len),
+         "attention meets seq_len keys, not context_length"),
+        (-12 * L * d * (seq_len - (seq_len + 1) / 2),
+         "count every query meeting all T keys (no causal halving)"),
+        (6 * params - expected, "6·N is the approximation; count the matmul weights: no embedding lookup "
+                                "tables, but the output head (V·d) even when tied"),
+        (-6 * V * d, "the output head is a matmul of V·d weights per token, even when it is tied"),
+    ]
+    if shape.positions == "learned":
+        candidates.append((6 * shape.context_length * d, "the position table is a lookup, not a matmul"))
+    for amount, hint in candidates:
+        if amount and abs(diff - amount) <= 1e-9 * abs(expected):
+            return hint
+    ratio = got / expected if expected else 0.0
+    return _ratio_hint(ratio, {1 / 3: "that is the forward pass; training is 3 x forward"}).strip(" ()")
+
+
+@exercise("1.8", solution="plan_training")
+def check_plan_training(plan_training):
+    for shape, batch, seq, precision in _plan_cases():
+        where = f"{shape.name}, batch_size={batch}, seq_len={seq}, precision={precision!r}"
+        got = plan_training(shape, batch, seq, precision)
+        if got is None:
+            raise AssertionError("plan_training returned None; did you forget `return`?")
+        if not hasattr(got, "keys") or not all(k in got for k in PLAN_KEYS):
+            raise AssertionError(f"plan_training should return a dict with the keys {PLAN_KEYS}, "
+                                 f"got {got!r}")
+        n = planning.count_params(shape).total
+        if got["params"] != n:
+            diff = got["params"] - n
+            raise AssertionError(f"{where}: params got {got['params']:,}, expected {n:,} "
+                                 f"(off by {diff:+,}); {_params_hint(shape, diff)}")
+        flops = planning.flops_per_token(shape, seq_len=seq)
+        if abs(got["flops_per_token"] - flops) > 1e-9 * flops:
+            hint = _flops_hint(shape, seq, got["flops_per_token"], flops, n)
+            raise AssertionError(f"{where}: flops_per_token got {got['flops_per_token']!r}, expected "
+                                 f"{flops!r}" + (f" ({hint})" if hint else ""))
+        states = planning.training_memory(n, precision).states
+        per_param = planning.PRECISIONS[precision].total
+        expect_close(got["states"], states, f"{where}: states, the bytes of weights, grads, AdamW "
+                                            f"moments and any master copy ({per_param} per parameter)")
+        acts = planning.activation_memory(shape, batch, seq)
+        L, H, V = shape.n_layers, shape.n_heads, shape.vocab_size
+        tokens = batch * seq
+        hint = next((h for amount, h in [
+            (-tokens * 4 * V, "the fp32 logits, 4·V bytes per token, are missing"),
+            (-tokens * L * 5 * H * seq, "the attention scores, 5·H·T bytes per layer and token, are "
+                                        "missing (only FlashAttention drops them)"),
+            (acts, "the counts 34·d + 5·H·T are already bytes (16-bit): do not double them"),
+            (tokens * L * 5 * H * (shape.context_length - seq),
+             "the scores are T x T with T = seq_len, not context_length"),
+        ] if amount and abs(got["activations"] - acts - amount) <= 1e-9 * acts), "")
+        expect_close(got["activations"], acts, f"{where}: activations (Korthikanti et al.: "
+                                               f"34·d + 5·H·T bytes per layer and token, plus 4·V per "
+                                               f"token for the logits)" + (f"; {hint}" if hint else ""))
+        expect_close(got["total"], states + acts, f"{where}: total = states + activations")
