@@ -1,7 +1,7 @@
-"""Checks for Chapter 3's exercises: pair counts, merges, a tiny BPE trainer, decoding.
+"""Checks for Chapter 3's exercises: pair counts, merges, a tiny BPE trainer, decoding, encoding.
 
 Every expected value comes from ``llmbook.bpe`` (``get_stats``, ``merge``,
-``train_bpe``, ``Tokenizer.decode``), so a check and the chapter can never
+``train_bpe``, ``Tokenizer.decode``, ``Tokenizer.encode_ordinary``), so a check and the chapter can never
 disagree. When an answer is wrong, the check tries to name the usual mistake
 (overlapping pairs, ties broken the wrong way, decoding token by token, ...).
 """
@@ -192,3 +192,90 @@ def check_decode(decode):
                 hint = ("; a character can be split across tokens: join all the bytes first and decode "
                         "once, instead of decoding token by token")
             raise AssertionError(f"decode of {what} (ids {ids}): got {got!r}, expected {expected!r}{hint}")
+
+
+ENCODE_TEXTS = [  # (what, text)
+    ("a line of Tiny Shakespeare", "First Citizen:\nBefore we proceed any further, hear me speak."),
+    ("an empty string", ""),
+    ("contractions and digits", "I'll say it's 2024, they've 12345 reasons."),
+    ("a contraction glued to a word", "what'sthe news? he'sthere"),
+    ("runs of spaces and newlines", "a   b\n\n\n  c \t d  "),
+    ("accents and an emoji", "naïve café, déjà vu \N{SLIGHTLY SMILING FACE}!"),
+    ("a long run of one letter", "e" * 150 + " eeeee"),
+]
+
+
+@cache
+def _small_tokenizer() -> Tokenizer:
+    """A 300-merge tokenizer trained on 20,000 characters of Tiny Shakespeare."""
+    vocab, merges = train_bpe(_sample(20_000), 256 + 300, workers=1)
+    return Tokenizer(vocab, merges, name="tiny-shakespeare-300")
+
+
+def _leftmost_bpe(ids: list[int], ranks: dict, merged: dict) -> list[int]:
+    """A usual mistake: merge the leftmost pair that has a merge, instead of the lowest-ranked one."""
+    while True:
+        i = next((i for i in range(len(ids) - 1) if (ids[i], ids[i + 1]) in ranks), None)
+        if i is None:
+            return ids
+        ids = ids[:i] + [merged[ids[i], ids[i + 1]]] + ids[i + 2 :]
+
+
+def _encode_hint(encode, tok: Tokenizer, text: str, got: list) -> str:
+    """Name the likely mistake behind a wrong encoding of ``text``."""
+    n_ids = 256 + len(tok.merges)
+    if any(not isinstance(i, int) for i in got):
+        return "; return the token ids as ints, not bytes or strings"
+    if any(i >= n_ids or i < 0 for i in got):
+        return f"; ids must lie in 0..{n_ids - 1}: byte b is id b, and merge k makes id 256 + k"
+    expected = tok.encode_ordinary(text)
+    for shift in (-256, -1, 1):
+        if got == [e + shift if e >= 256 else e for e in expected]:
+            return f"; your merged ids are off by {shift}: merge k (counting from 0) makes id 256 + k"
+    pieces = pretokenize(text)
+    if [i for p in pieces for i in encode(p)] == tok.encode_ordinary(text):
+        return ("; every pre-token alone encodes right: cut the text with the GPT-2 pattern first "
+                "and merge inside each piece only, never across pieces")
+    for piece in pieces:
+        mine, expected = list(encode(piece)), tok.encode_ordinary(piece)
+        if mine == expected:
+            continue
+        spelled = [tok.vocab.get(i, b"?") for i in mine]
+        hint = (f"; the first wrong pre-token is {piece!r}: got {mine} {spelled}, "
+                f"expected {expected} {[tok.vocab[i] for i in expected]}")
+        if mine == _leftmost_bpe(list(piece.encode("utf-8")), tok._ranks, tok._merged):
+            hint += ("; you merged the leftmost pair that has a merge: merge the pair with the lowest rank "
+                     "(the earliest learned) first, wherever it is")
+        elif len(mine) > len(expected):
+            hint += "; keep merging until no adjacent pair has a merge, not just one pass"
+        return hint
+    return ""
+
+
+@exercise("3.9", solution="make_encoder")
+def check_make_encoder(make_encoder):
+    toy_vocab, toy_merges = train_bpe("aaabdaaabac", 256 + 3, workers=1)
+    cases = [(Tokenizer(toy_vocab, toy_merges, name="toy"), ["aaabdaaabac", "aaaaaaa", "abab aaab"]),
+             (_small_tokenizer(), [t for _, t in ENCODE_TEXTS])]
+    for tok, texts in cases:
+        reference = tok.to_tiktoken()
+        merges = list(tok.merges)
+        encode = make_encoder(merges)
+        _returned_none(encode, "make_encoder")
+        if not callable(encode):
+            raise AssertionError(f"make_encoder should return a function encode(text), got {type(encode).__name__}")
+        if merges != tok.merges:
+            raise AssertionError("make_encoder changed the merges it was given; leave them as they are")
+        for text in texts:
+            expected = tok.encode_ordinary(text)
+            assert expected == reference.encode_ordinary(text), "llmbook.bpe and tiktoken disagree (a bug in the book)"
+            got = encode(text)
+            _returned_none(got, "encode")
+            if not isinstance(got, list | tuple):
+                raise AssertionError(f"encode should return a list of ids, got {type(got).__name__}")
+            got = list(got)
+            if got != expected:
+                what = next((w for w, t in ENCODE_TEXTS if t == text), repr(text))
+                raise AssertionError(f"{tok.name} tokenizer, {what}: got {got[:16]}{'...' if len(got) > 16 else ''}, "
+                                     f"expected {expected[:16]}{'...' if len(expected) > 16 else ''}"
+                                     f"{_encode_hint(encode, tok, text, got)}")
