@@ -1,6 +1,6 @@
-"""Checks for Chapter 5's exercises: RMSNorm, LayerNorm, top-k and top-p filtering.
+"""Checks for Chapter 5's exercises: RMSNorm, LayerNorm, top-k and top-p filtering, a GPT-2 block.
 
-Every expected value comes from ``llmbook.layers`` and ``llmbook.generate``,
+Every expected value comes from ``llmbook.layers``, ``llmbook.generate`` and ``llmbook.model``,
 which the test suite checks against PyTorch and Hugging Face, so a check and
 the chapter can never disagree. When an answer is wrong, the check tries to
 name the usual mistake (a mean that RMSNorm does not subtract, the unbiased
@@ -10,10 +10,13 @@ variance, zeros instead of minus infinity, the token that crosses p left out,
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import math
 
-from llmbook import generate, layers
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from llmbook import generate, layers, model
 from llmbook.exercises import exercise
 from llmbook.exercises.tensors import close as _close
 from llmbook.exercises.tensors import first_hint as _first_hint
@@ -211,3 +214,177 @@ def _top_p_wrong(logits: Tensor, p: float) -> list[tuple[Tensor, str]]:
 def check_top_p_filter(top_p_filter):
     cases = [((1, 10), 0.5), ((2, 3, 50), 0.9), ((4, 100), 0.3), ((3, 7), 0.999), ((20,), 0.05)]
     _check_filter(top_p_filter, "top_p_filter", generate.filter_top_p, cases, _top_p_wrong)
+
+
+# ---------------------------------------------------------------------------
+# 5.8 A whole GPT-2 block
+# ---------------------------------------------------------------------------
+
+
+def _block_variant(p: dict[str, Tensor], x: Tensor, n_heads: int, eps: float, *, mask: str = "causal",
+                   scale: str = "head", gelu: str = "tanh", heads: str = "ok", order: str = "prenorm",
+                   residual: bool = True, norm2: str = "norm2") -> Tensor:
+    """GPT-2's pre-norm block from the weights ``p``, or the block that a typical mistake computes."""
+    B, T, C = x.shape
+    hs = C // n_heads
+
+    def ln(t: Tensor, name: str) -> Tensor:
+        return F.layer_norm(t, (C,), p[f"{name}.weight"], p[f"{name}.bias"], eps)
+
+    def split(t: Tensor) -> Tensor:
+        if heads == "interleaved":  # (B, T, hs, nh): each head takes every nh-th channel
+            return t.view(B, T, hs, n_heads).permute(0, 3, 1, 2)
+        return t.view(B, T, n_heads, hs).transpose(1, 2)
+
+    def attn(t: Tensor) -> Tensor:
+        q, k, v = (split(u) for u in F.linear(t, p["attn.qkv.weight"], p["attn.qkv.bias"]).split(C, dim=-1))
+        s = q @ k.transpose(-2, -1) / math.sqrt({"head": hs, "model": C, "none": 1}[scale])
+        future = torch.ones(T, T, dtype=torch.bool).triu(1)
+        if mask == "causal":
+            s = s.masked_fill(future, float("-inf"))
+        elif mask == "zeros":
+            s = s.masked_fill(future, 0.0)
+        y = s.softmax(dim=-1) @ v
+        if mask == "after":  # masked after the softmax: the rows no longer sum to 1
+            y = (s.softmax(dim=-1).masked_fill(future, 0.0)) @ v
+        y = y.reshape(B, T, C) if heads == "no-transpose" else y.transpose(1, 2).reshape(B, T, C)
+        return F.linear(y, p["attn.proj.weight"], p["attn.proj.bias"])
+
+    def mlp(t: Tensor) -> Tensor:
+        h = F.linear(t, p["mlp.fc.weight"], p["mlp.fc.bias"])
+        h = F.gelu(h, approximate=gelu) if gelu != "relu" else F.relu(h)
+        return F.linear(h, p["mlp.proj.weight"], p["mlp.proj.bias"])
+
+    if order == "postnorm":
+        x = ln(x + attn(x), "norm1")
+        return ln(x + mlp(x), "norm2")
+    if order == "norm-stream":  # the residual stream itself normalized, as if x = norm(x) first
+        x = ln(x, "norm1")
+        x = x + attn(x)
+        x = ln(x, "norm2")
+        return x + mlp(x)
+    if not residual:
+        return mlp(ln(attn(ln(x, "norm1")), norm2))
+    x = x + attn(ln(x, "norm1"))
+    return x + mlp(ln(x, norm2))
+
+
+_BLOCK_MISTAKES = [  # (keyword arguments of _block_variant, hint)
+    (dict(mask="none"), "no causal mask: set the scores of future positions (j > i) to -inf before the softmax"),
+    (dict(mask="zeros"), "masked scores must be -inf, not 0: exp(0) = 1 still gives the future tokens weight"),
+    (dict(mask="after"), "mask before the softmax (scores of future positions = -inf), not its output"),
+    (dict(scale="none"), "divide the scores q·k by sqrt(head_dim)"),
+    (dict(scale="model"), "divide the scores by sqrt(head_dim) = sqrt(d_model / n_heads), not sqrt(d_model)"),
+    (dict(gelu="none"), "GPT-2 uses the tanh approximation of GELU: F.gelu(h, approximate='tanh')"),
+    (dict(gelu="relu"), "the MLP's activation is GELU (tanh approximation), not ReLU"),
+    (dict(heads="interleaved"), "split the channels into heads with view(B, T, n_heads, head_dim): each head "
+                                "takes a contiguous slice of head_dim channels"),
+    (dict(heads="no-transpose"), "transpose the heads' outputs back to (B, T, n_heads, head_dim) before "
+                                 "reshaping to (B, T, C); reshaping (B, n_heads, T, head_dim) directly mixes "
+                                 "tokens"),
+    (dict(order="postnorm"), "that is post-norm: normalize the input of each sub-layer, "
+                             "x = x + attn(norm1(x)), and leave the residual stream itself unnormalized"),
+    (dict(order="norm-stream"), "add the sub-layer's output to the unnormalized x: x = x + attn(norm1(x)), "
+                                "not x = norm1(x); x = x + attn(x)"),
+    (dict(residual=False), "add the residual connections: x = x + attn(norm1(x)), then x = x + mlp(norm2(x))"),
+    (dict(norm2="norm1"), "use norm2 (its own weight and bias) before the MLP, not norm1 again"),
+]
+
+
+def _block_inputs(cfg: model.ModelConfig, batch: int, T: int, seed: int) -> tuple[model.Block, Tensor]:
+    """A reference block with every parameter random (norm scales around 1) and an input x."""
+    reference = model.Block(cfg, 0).eval()
+    with torch.no_grad():
+        for i, (name, param) in enumerate(reference.named_parameters()):
+            r = _random(*param.shape, seed=1000 * seed + i)
+            if name.startswith("norm"):
+                param.copy_(1 + 0.3 * r if name.endswith("weight") else 0.3 * r)
+            else:
+                param.copy_(r / math.sqrt(param.shape[-1]))
+    return reference, _random(batch, T, cfg.d_model, seed=seed) + 0.5
+
+
+def _load(block, reference: model.Block, what: str) -> None:
+    expected = {n: p.shape for n, p in reference.named_parameters()}
+    got = {n: p.shape for n, p in block.named_parameters()}
+    if got != expected:
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(n for n in set(got) & set(expected) if got[n] != expected[n])
+        parts = [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else "",
+                 "wrong shapes: " + ", ".join(f"{n} {tuple(got[n])} instead of {tuple(expected[n])}" for n in wrong)
+                 if wrong else ""]
+        raise AssertionError(
+            f"{what}: the block's parameters should be named and shaped as llmbook.model.Block's, "
+            f"{', '.join(f'{n} {tuple(s)}' for n, s in expected.items())}; "
+            f"{'; '.join(x for x in parts if x)}. Use submodules norm1, attn (with qkv and proj), norm2 and "
+            "mlp (with fc and proj); nn.Linear(d, 4 * d) has a weight of shape (4d, d)")
+    result = block.load_state_dict(reference.state_dict(), strict=False)
+    not_loaded = [k for k in result.missing_keys if k in expected] + list(result.unexpected_keys)
+    if not_loaded:
+        raise AssertionError(f"{what}: load_state_dict did not load {not_loaded}")
+
+
+@exercise("5.8", solution="gpt2_block")
+def check_gpt2_block(gpt2_block):
+    cases = [  # (config, batch, T)
+        (model.ModelConfig.preset("gpt-tiny"), 2, 9),  # d_model 64, 4 heads of 16
+        (model.ModelConfig.preset("gpt-tiny", d_model=48, n_heads=6), 1, 16),  # 6 heads of 8
+        (model.ModelConfig.preset("gpt-tiny"), 3, 1),  # one token: attends to itself only
+    ]
+    for seed, (cfg, batch, T) in enumerate(cases):
+        what = f"gpt2_block({cfg.d_model}, {cfg.n_heads}, eps={cfg.norm_eps})"
+        block = gpt2_block(cfg.d_model, cfg.n_heads, cfg.norm_eps)
+        if block is None:
+            raise AssertionError(f"{what} returned None; did you forget `return`?")
+        if not isinstance(block, nn.Module):
+            raise AssertionError(f"{what} should return an nn.Module (an instance of your block class), "
+                                 f"got {type(block).__name__}: {block!r:.60}")
+        reference, x = _block_inputs(cfg, batch, T, seed)
+        _load(block, reference, what)
+        block.eval()
+        shape = (batch, T, cfg.d_model)
+        given = x.clone()
+        with torch.no_grad():
+            got = _returned_tensor(block(given), "your block", shape, f"x of shape {shape}")
+        _unchanged([given], [x], "your block's forward")
+        with torch.no_grad():
+            expected = reference(x)
+        params = {n: p.detach() for n, p in reference.named_parameters()}
+        assert _close(expected, _block_variant(params, x, cfg.n_heads, cfg.norm_eps))
+        if not _close(got, expected):
+            hint = _first_hint(got, [(_block_variant(params, x, cfg.n_heads, cfg.norm_eps, **kw), h)
+                                     for kw, h in _BLOCK_MISTAKES])
+            raise AssertionError(f"{what}: on x of shape {shape} the output differs from "
+                                 f"llmbook.model.Block's by up to {_max_error(got, expected):.3g}{hint}")
+
+        # gradients: the same loss through both blocks must give the same gradient to x and every weight
+        weights = _random(*shape, seed=seed + 50)
+        x_mine, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        block.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        (block(x_mine) * weights).sum().backward()
+        (reference(x_ref) * weights).sum().backward()
+        if x_mine.grad is None or not _close(x_mine.grad, x_ref.grad):
+            raise AssertionError(f"{what}: the gradient with respect to the input x differs from "
+                                 "llmbook.model.Block's: does your forward detach something (.detach(), "
+                                 ".data, torch.no_grad) or modify a tensor in place?")
+        mine = dict(block.named_parameters())
+        for name, param in reference.named_parameters():
+            g = mine[name].grad
+            if g is None:
+                raise AssertionError(f"{what}: {name} got no gradient; is it used in forward, and not "
+                                     "through .data or .detach()?")
+            if not _close(g, param.grad, atol=1e-4):
+                raise AssertionError(f"{what}: the gradient of {name} differs from llmbook.model.Block's by "
+                                     f"up to {(g - param.grad).abs().max().item():.3g}")
+
+    # causality, directly: changing the last token must leave every earlier position's output unchanged
+    cfg = cases[0][0]
+    block = gpt2_block(cfg.d_model, cfg.n_heads, cfg.norm_eps).eval()
+    x = _random(1, 6, cfg.d_model, seed=7)
+    changed = x.clone()
+    changed[:, -1] += 1.0
+    with torch.no_grad():
+        if not _close(block(x)[:, :-1], block(changed)[:, :-1]):
+            raise AssertionError("changing the last token changed the outputs at earlier positions: "
+                                 "a position may only attend to itself and the positions before it")
