@@ -208,3 +208,124 @@ def check_repeat_kv(repeat_kv):
                     "head h uses K/V head h // n_rep: use repeat_interleave(n_rep, dim=1), or expand and reshape, "
                     "instead of repeat")
         raise AssertionError(f"repeat_kv({what}) returned the wrong heads{hint}")
+
+
+# ---------------------------------------------------------------------------
+# 4.9 a whole causal self-attention layer
+# ---------------------------------------------------------------------------
+
+_MHA_CASES = [(1, 1, 8, 2, False), (2, 5, 16, 2, False), (1, 7, 24, 3, True), (2, 6, 12, 4, False)]  # B, T, C, H, bias
+
+
+def _mha_by_hand(x: Tensor, ref: attention.MultiHeadAttention, *, scale: str = "sqrt", mask: str = "causal",
+                 softmax_dim: int = -1, split: str = "heads", merge: str = "transpose", proj: bool = True,
+                 order: tuple[int, int, int] = (0, 1, 2)) -> Tensor:
+    """The layer ``ref`` computed by hand, with one of the usual mistakes switched on by an argument."""
+    B, T, C = x.shape
+    H = ref.n_heads
+    hs = C // H
+    parts = ref.qkv(x).split(C, dim=-1)
+    q, k, v = (parts[i] for i in order)
+
+    def heads(t: Tensor) -> Tensor:
+        if split == "interleaved":  # head h gets dims h, h + H, h + 2H, ...
+            return t.view(B, T, hs, H).permute(0, 3, 1, 2)
+        if split == "view":  # (B, T, C) viewed as (B, H, T, hs) without the transpose
+            return t.reshape(B, H, T, hs)
+        return t.view(B, T, H, hs).transpose(1, 2)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    factor = {"sqrt": 1 / math.sqrt(hs), "none": 1.0, "d": 1 / hs, "d_model": 1 / math.sqrt(C)}[scale]
+    keep = {"causal": torch.ones(T, T, dtype=torch.bool).tril(), "none": torch.ones(T, T, dtype=torch.bool),
+            "flipped": torch.ones(T, T, dtype=torch.bool).triu()}[mask]
+    y = _masked_attention(q, k, v, keep, factor, dim=softmax_dim)  # (B, H, T, hs)
+    y = y.reshape(B, T, C) if merge == "view" else y.transpose(1, 2).reshape(B, T, C)
+    return ref.proj(y) if proj else y
+
+
+def _mha_hint(got: Tensor, x: Tensor, ref: attention.MultiHeadAttention) -> str:
+    with torch.no_grad():
+        candidates = [
+            (_mha_by_hand(x, ref, mask="none"), "every query sees every key: set the scores of keys j > i to -inf "
+             "before the softmax"),
+            (_mha_by_hand(x, ref, mask="flipped"), "the mask is flipped: query i may see keys j <= i (lower "
+             "triangle), not j >= i"),
+            (_mha_by_hand(x, ref, scale="none"), "the scores are not scaled: divide q kᵀ by sqrt(head_dim)"),
+            (_mha_by_hand(x, ref, scale="d"), "divide the scores by sqrt(head_dim), not by head_dim"),
+            (_mha_by_hand(x, ref, scale="d_model"), "scale by 1/sqrt(head_dim), the width of one head "
+             "(d_model // n_heads), not by 1/sqrt(d_model)"),
+            (_mha_by_hand(x, ref, softmax_dim=-2), "take the softmax over the keys, the last dim (dim=-1)"),
+            (_mha_by_hand(x, ref, proj=False), "the output projection is missing: return self.proj(y)"),
+            (_mha_by_hand(x, ref, order=(1, 0, 2)), "q and k are swapped: self.qkv(x) holds q, k, v in that "
+             "order along the last dim"),
+            (_mha_by_hand(x, ref, order=(0, 2, 1)), "k and v are swapped: self.qkv(x) holds q, k, v in that "
+             "order along the last dim"),
+            (_mha_by_hand(x, ref, split="interleaved"), "head h owns the consecutive dims h*head_dim .. "
+             "(h+1)*head_dim - 1: view (B, T, C) as (B, T, n_heads, head_dim), then transpose(1, 2)"),
+            (_mha_by_hand(x, ref, split="view"), "(B, T, C) cannot be reshaped straight to (B, n_heads, T, "
+             "head_dim): view it as (B, T, n_heads, head_dim), then transpose(1, 2)"),
+            (_mha_by_hand(x, ref, merge="view"), "merge the heads back by transposing (B, n_heads, T, head_dim) "
+             "to (B, T, n_heads, head_dim) before reshaping to (B, T, C)"),
+        ]
+    return _first_hint(got, candidates)
+
+
+def _grad_close(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a.float(), b, atol=1e-4, rtol=1e-3))
+
+
+@exercise("4.9", solution="CausalSelfAttention")
+def check_causal_self_attention(CausalSelfAttention):
+    for seed, (B, T, C, H, bias) in enumerate(_MHA_CASES):
+        what = f"d_model={C}, n_heads={H}, bias={bias}"
+        layer = CausalSelfAttention(C, H, bias=bias)
+        if not isinstance(layer, torch.nn.Module):
+            raise AssertionError(f"CausalSelfAttention({what}) should be an nn.Module, got {type(layer).__name__}; "
+                                 "subclass nn.Module and call super().__init__() first")
+        torch.manual_seed(300 + seed)  # the reference's weights; the reader's layer gets the same ones
+        ref = attention.MultiHeadAttention(C, H, bias=bias)
+        with torch.no_grad():  # nn.Linear's init is small; larger weights make the mistakes visible
+            for i, p in enumerate(ref.parameters()):
+                p.copy_(_random(*p.shape, seed=400 + 10 * seed + i) * 0.5)
+        state = ref.state_dict()
+        theirs = dict(layer.named_parameters())
+        expected_shapes = {name: tuple(t.shape) for name, t in state.items()}
+        got_shapes = {name: tuple(t.shape) for name, t in theirs.items()}
+        if got_shapes != expected_shapes:
+            raise AssertionError(f"CausalSelfAttention({what}) has the parameters {got_shapes}, but the check "
+                                 f"loads {expected_shapes}: one fused nn.Linear self.qkv (d_model -> 3*d_model) "
+                                 "and one nn.Linear self.proj (d_model -> d_model), with biases only if bias=True")
+        layer.load_state_dict(state, strict=False)  # buffers of the reader's own (a mask) may stay
+
+        x = _random(B, T, C, seed=500 + seed)
+        x_theirs, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out = layer(x_theirs)
+        out = _returned_tensor(out, "CausalSelfAttention.forward", (B, T, C), f"x of shape {(B, T, C)}, {what}")
+        expected = ref(x_ref)
+        if not torch.equal(x_theirs.detach(), x):
+            raise AssertionError("forward changed its input x; compute new tensors instead")
+        if not _close(out.detach(), expected.detach(), atol=1e-4):
+            err = (out.detach() - expected.detach()).abs().max().item()
+            hint = _mha_hint(out.detach(), x, ref)
+            raise AssertionError(f"CausalSelfAttention({what}) on x of shape {(B, T, C)} differs from "
+                                 f"llmbook.attention.MultiHeadAttention by up to {err:.3g}{hint}")
+
+        # gradients: the same upstream gradient into both layers
+        upstream = _random(B, T, C, seed=600 + seed)
+        if not out.requires_grad:
+            raise AssertionError("the output does not require grad: do not detach, use .data, or wrap the "
+                                 "forward in torch.no_grad(); the layer must be trainable")
+        (out * upstream).sum().backward()
+        (expected * upstream).sum().backward()
+        pairs = [("the input x", x_theirs.grad, x_ref.grad)]
+        pairs += [(f"the weight {name}", theirs[name].grad, p.grad) for name, p in ref.named_parameters()]
+        for name, got_grad, ref_grad in pairs:
+            if got_grad is None:
+                raise AssertionError(f"no gradient reached {name}: keep every step of the forward in autograd "
+                                     "(no .detach(), .data, .item() or torch.no_grad())")
+            if not _grad_close(got_grad, ref_grad):
+                err = (got_grad.float() - ref_grad).abs().max().item()
+                raise AssertionError(f"CausalSelfAttention({what}): the outputs match, but the gradient of "
+                                     f"{name} differs by up to {err:.3g}; is part of the forward computed "
+                                     "outside autograd (.detach(), .data, numpy) or with constants that "
+                                     "stand in for the weights?")
