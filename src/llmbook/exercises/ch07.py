@@ -1,4 +1,4 @@
-"""Checks for Chapter 7's exercises: the cosine schedule, an AdamW step, gradient clipping, a stable loss.
+"""Checks for Chapter 7's exercises: the cosine schedule, an AdamW step, gradient clipping, a stable loss, a loop.
 
 The expected values come from ``llmbook.schedule`` and from PyTorch itself
 (``torch.optim.AdamW``, ``torch.nn.utils.clip_grad_norm_``,
@@ -11,15 +11,20 @@ by comparing it with the wrong answers those mistakes produce.
 
 from __future__ import annotations
 
+import copy
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from llmbook import loader
 from llmbook.exercises import exercise
 from llmbook.exercises.tensors import random_tensor as _random
-from llmbook.schedule import CosineSchedule
+from llmbook.model import GPT
+from llmbook.optim import AdamW, clip_grad_norm, param_groups
+from llmbook.schedule import CosineSchedule, set_lr
 
 # ---------------------------------------------------------------------------
 # 7.1 cosine learning rate with warmup
@@ -296,3 +301,139 @@ def check_stable_cross_entropy(stable_cross_entropy):
             raise AssertionError(f"{what}: the value is right but its gradient differs from F.cross_entropy's; "
                                  "the row maximum may be subtracted either way (detached or not), but every other "
                                  "step must stay differentiable")
+
+
+# ---------------------------------------------------------------------------
+# 7.11 the whole training loop
+# ---------------------------------------------------------------------------
+
+_LOOP_CASES = [  # (preset, steps, batch_size, context_length, peak_lr, warmup_steps, weight_decay, max_norm, seed)
+    ("gpt-tiny", 5, 2, 16, 3e-3, 2, 0.1, 0.5, 0),  # tied embeddings, biases, LayerNorm gains
+    ("llama-tiny", 3, 2, 16, 1e-2, 0, 0.5, 1.0, 1),  # untied head, no biases, RMSNorm; no warmup
+]
+_LOOP_BETAS, _LOOP_EPS, _LOOP_MIN_RATIO = (0.9, 0.99), 1e-8, 0.1
+
+
+def _loop_reference(model, tokens, steps, batch_size, context_length, peak_lr, warmup_steps, weight_decay, max_norm,
+                    seed, *, decay_all=False, decay_2d=False, no_clip=False, schedule_shift=0, constant_lr=False,
+                    one_rng=False) -> list[float]:
+    """llmbook's loop (the trainer's, without its extras), or one of the usual mistakes; returns the losses."""
+    groups = param_groups(model, weight_decay)
+    if decay_all or decay_2d:
+        params = [g for group in groups for g in group["params"]]
+        decay = [p for p in params if decay_all or p.dim() >= 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": [p for p in params if all(p is not q for q in decay)], "weight_decay": 0.0}]
+    opt = AdamW(groups, lr=peak_lr, betas=_LOOP_BETAS, eps=_LOOP_EPS)
+    schedule = CosineSchedule(peak_lr, warmup_steps, steps, _LOOP_MIN_RATIO)
+    shared = np.random.default_rng(seed)
+    losses = []
+    for step in range(steps):
+        rng = shared if one_rng else np.random.default_rng([seed, step])
+        x, y = loader.get_batch(tokens, batch_size, context_length, rng=rng)
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        if not no_clip:
+            clip_grad_norm(list(model.parameters()), max_norm)
+        set_lr(opt, peak_lr if constant_lr else schedule(step + schedule_shift))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _loop_tokens(vocab_size: int, seed: int):
+    """A token stream with structure to learn: a noisy repeating pattern, as int64 NumPy."""
+    rng = np.random.default_rng(seed)
+    pattern = rng.integers(0, vocab_size, size=37)
+    tokens = np.tile(pattern, 30)
+    noise = rng.random(tokens.shape) < 0.2
+    tokens[noise] = rng.integers(0, vocab_size, size=int(noise.sum()))
+    return tokens.astype(np.int64)
+
+
+@exercise("7.11", solution="train_loop")
+def check_train_loop(train_loop):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster than several that wait for each other
+    try:
+        _check_train_loop(train_loop)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_train_loop(train_loop):
+    for preset, steps, b, t, lr, warmup, wd, max_norm, seed in _LOOP_CASES:
+        torch.manual_seed(seed)
+        model = GPT.from_preset(preset).double()
+        tokens = _loop_tokens(model.cfg.vocab_size, seed)
+        args = (tokens, steps, b, t, lr, warmup, wd, max_norm, seed)
+        what = (f"train_loop({preset}, steps={steps}, batch_size={b}, context_length={t}, peak_lr={lr}, "
+                f"warmup_steps={warmup}, weight_decay={wd}, max_norm={max_norm}, seed={seed})")
+        start = copy.deepcopy(model)
+        reference = copy.deepcopy(model)
+        expected = _loop_reference(reference, *args)
+
+        got = train_loop(model, tokens.copy(), steps, b, t, lr, warmup, wd, max_norm, seed)
+        if got is None:
+            raise AssertionError("train_loop returned None; did you forget `return losses`?")
+        try:
+            got = [float(x) for x in got]
+        except (TypeError, ValueError):
+            raise AssertionError(f"{what} should return a list of {steps} numbers (the loss of each step), "
+                                 f"got {got!r:.80}") from None
+        if len(got) != steps:
+            raise AssertionError(f"{what} returned {len(got)} losses, expected one per step: {steps}")
+        if not math.isclose(got[0], expected[0], rel_tol=1e-9):
+            hint = ("draw each step's batch with np.random.default_rng([seed, step]), offsets "
+                    "rng.integers(0, len(tokens) - context_length, size=batch_size), y the window shifted by one; "
+                    "the loss is the mean cross-entropy over all B·T positions")
+            if math.isclose(got[0], math.log(model.cfg.vocab_size), rel_tol=1e-3):
+                hint = "the loss equals ln(vocab_size): are the logits computed by the model at all?"
+            raise AssertionError(f"{what}: the loss of step 0 is {got[0]:.6g}, expected {expected[0]:.6g}; the "
+                                 f"model is still untouched there, so the batch or the loss is wrong: {hint}")
+        params_ok = all(torch.allclose(p, q, rtol=1e-9, atol=1e-12)
+                        for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+        if all(math.isclose(g, e, rel_tol=1e-9) for g, e in zip(got, expected, strict=True)) and params_ok:
+            continue
+
+        if all(torch.equal(p, q) for p, q in zip(model.parameters(), start.parameters(), strict=True)):
+            raise AssertionError(f"{what}: the model's parameters did not change; update them in place "
+                                 "(under torch.no_grad(), e.g. p.mul_(...), p.add_(...)): the caller keeps the model")
+        mistakes = [
+            (dict(one_rng=True), "one generator for the whole run gives other batches; seed one per step, "
+                                 "np.random.default_rng([seed, step]), as the trainer does (so a resumed run "
+                                 "draws the same batches)"),
+            (dict(decay_2d=True), "every matrix was decayed (nanoGPT's rule); the book decays only the weights of "
+                                  "nn.Linear layers, not the embeddings, and a tied lm_head is the embedding"),
+            (dict(decay_all=True), "weight decay was applied to every parameter; biases, norm gains and "
+                                   "embeddings go in the group with weight_decay 0"),
+            (dict(no_clip=True), "the gradients were not clipped: scale them all by min(1, max_norm / (norm + "
+                                 "1e-6)) after backward and before the update"),
+            (dict(schedule_shift=1), "the schedule is one step ahead: the first update uses the rate of step 0"),
+            (dict(constant_lr=True), "the learning rate stayed at peak_lr: use warmup and cosine decay "
+                                     "(Exercise 7.1) with decay_steps = steps and min_ratio 0.1"),
+        ]
+        hint = ""
+        for kw, text in mistakes:
+            variant = copy.deepcopy(start)
+            losses = _loop_reference(variant, *args, **kw)
+            if (all(math.isclose(g, e, rel_tol=1e-7) for g, e in zip(got, losses, strict=True))
+                    and all(torch.allclose(p, q, rtol=1e-7, atol=1e-10)
+                            for p, q in zip(model.parameters(), variant.parameters(), strict=True))):
+                hint = f"; {text}"
+                break
+        first = next((i for i, (g, e) in enumerate(zip(got, expected, strict=True))
+                      if not math.isclose(g, e, rel_tol=1e-9)), None)
+        if first is None:
+            where = "the losses agree but the final parameters differ (is the last step's update applied?)"
+        else:
+            where = f"the losses agree up to step {first - 1} and differ from step {first} on"
+        name, worst = max(((n, (p - q).abs().max().item()) for (n, p), q
+                           in zip(model.named_parameters(), reference.parameters(), strict=True)),
+                          key=lambda item: item[1])
+        if not hint:
+            hint = ("; check the order: backward, clip, set the step's rate, AdamW update with bias correction "
+                    f"(betas {_LOOP_BETAS}, eps {_LOOP_EPS}), decay only the decay group, zero the gradients")
+        raise AssertionError(f"{what}: {where}; largest parameter difference {worst:.3g} in {name}{hint}")
