@@ -326,7 +326,7 @@ def test_module_errors_say_what_to_change():
     with pytest.raises(ValueError, match="rope was built for head_dim 16"):
         MultiHeadAttention(32, 4, rope=RotaryEmbedding(16))
     m = MultiHeadAttention(32, 4, backend="nope")  # the backend may be registered after construction
-    with pytest.raises(ValueError, match="unknown attention backend 'nope'; registered: manual, sdpa"):
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'; choose one of: manual, sdpa"):
         m(torch.randn(1, 3, 32))
 
 

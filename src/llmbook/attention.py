@@ -19,6 +19,7 @@ with ``register_backend`` and checks it against ``attention_with_lse``.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -206,9 +207,29 @@ def _sdpa_backend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causa
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {"manual": scaled_dot_product_attention, "sdpa": _sdpa_backend}
 
 
+# Backends that a later chapter's subpackage registers when it is imported (Chapter 6: FlashAttention). Naming
+# the package here, as data, lets ``ModelConfig(attention="flash-triton")`` or a checkpoint saved with it work in
+# a fresh process without an import the reader must remember; this module never imports it on its own.
+DEFERRED_BACKENDS: dict[str, str] = {"flash-torch": "llmbook.kernels", "flash-triton": "llmbook.kernels"}
+
+
 def register_backend(name: str, fn: AttentionBackend) -> None:
-    """Make ``MultiHeadAttention(backend=name)`` call ``fn`` (Chapter 6 registers "triton")."""
+    """Make ``MultiHeadAttention(backend=name)`` call ``fn`` (Chapter 6 registers "flash-torch", "flash-triton")."""
     ATTENTION_BACKENDS[name] = fn
+
+
+def backend_names() -> list[str]:
+    """Every name ``get_backend`` accepts: the registered backends and the deferred ones."""
+    return list(dict.fromkeys([*ATTENTION_BACKENDS, *DEFERRED_BACKENDS]))
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The backend called ``name``, importing the package that registers it on first use."""
+    if name not in ATTENTION_BACKENDS and name in DEFERRED_BACKENDS:
+        importlib.import_module(DEFERRED_BACKENDS[name])  # registers it
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of: {', '.join(backend_names())}")
+    return ATTENTION_BACKENDS[name]
 
 
 # --- The KV cache: remember past keys and values instead of recomputing them ------------------------------------------
@@ -329,8 +350,7 @@ class MultiHeadAttention(nn.Module):
         is combined with the causal mask, e.g. to hide padding.
         """
         B, T, C = x.shape  # batch, time (new tokens), channels (d_model)
-        if self.backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {self.backend!r}; registered: {', '.join(ATTENTION_BACKENDS)}")
+        backend = get_backend(self.backend)  # a clear error for an unknown name
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
 
         # project to queries, keys, values of all heads at once, then split the heads apart
@@ -347,6 +367,6 @@ class MultiHeadAttention(nn.Module):
             k, v = cache.append(k, v)  # (B, nkv, T_k, hs) with T_k = start + T
 
         dropout_p = self.dropout if self.training else 0.0
-        y = ATTENTION_BACKENDS[self.backend](q, k, v, mask, self.causal, dropout_p)  # (B, nh, T, hs)
+        y = backend(q, k, v, mask, self.causal, dropout_p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hs): the heads side by side
         return self.proj(y)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from llmbook.attention import ATTENTION_BACKENDS, KVCache, MultiHeadAttention
+from llmbook.attention import KVCache, MultiHeadAttention, backend_names
 from llmbook.layers import GELU, MLP, LayerNorm, RMSNorm, SiLU, SwiGLU
 from llmbook.rope import RotaryEmbedding
 from llmbook.shapes import SHAPES, DerivedSizes, ModelShape, Registry
@@ -62,7 +62,7 @@ class ModelConfig(DerivedSizes):
     attention_dropout: float | None = None
     rope_theta: float = 10000.0  # RoPE's frequency base (Llama 2); only with positions="rope"
     norm_eps: float = 1e-5  # added to the variance before the square root
-    attention: str = "manual"  # a name in llmbook.attention.ATTENTION_BACKENDS: "manual" (Chapter 4), "sdpa", ...
+    attention: str = "manual"  # llmbook.attention.backend_names(): "manual" (Chapter 4), "sdpa", "flash-triton", ...
 
     def __post_init__(self) -> None:
         self.check_sizes()
@@ -78,10 +78,9 @@ class ModelConfig(DerivedSizes):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1) or None, got {self.attention_dropout}")
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"unknown attention backend {self.attention!r}; registered: {', '.join(ATTENTION_BACKENDS)}"
-            )
+        if self.attention not in backend_names():
+            names = ", ".join(backend_names())
+            raise ValueError(f"unknown attention backend {self.attention!r}; choose one of: {names}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
 
