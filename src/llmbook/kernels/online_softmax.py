@@ -34,17 +34,17 @@ def _finite(m: Tensor) -> Tensor:
 
 
 class SoftmaxState(NamedTuple):
-    """What a softmax-weighted average over some of a row's keys needs to remember; rows in ``(...)``."""
+    """What a softmax-weighted average over some of the keys needs to remember, per query row."""
 
-    m: Tensor  # (...,) the largest score seen so far (-inf before any)
-    l: Tensor  # (...,) Σ exp(s - m) over the scores seen  # noqa: E741 (the paper's name)
-    acc: Tensor  # (..., D) Σ exp(s - m)·v: the output, not yet divided by l
+    m: Tensor  # (..., T_q) the largest score seen so far (-inf before any)
+    l: Tensor  # (..., T_q) Σ exp(s - m) over the scores seen  # noqa: E741 (the paper's name)
+    acc: Tensor  # (..., T_q, D) Σ exp(s - m)·v: the output, not yet divided by l
 
 
 def partial_state(scores: Tensor, values: Tensor) -> SoftmaxState:
-    """The state of one block: scores ``(..., n)`` against its n values ``(..., n, D)``."""
-    m = scores.amax(dim=-1)  # (...,)
-    p = torch.exp(scores - _finite(m)[..., None])  # (..., n), each <= 1
+    """The state of one block of n keys: scores ``(..., T_q, n)``, the keys' values ``(..., n, D)``."""
+    m = scores.amax(dim=-1)  # (..., T_q)
+    p = torch.exp(scores - _finite(m)[..., None])  # (..., T_q, n), each <= 1
     return SoftmaxState(m, p.sum(dim=-1), p @ values.to(p.dtype))
 
 
@@ -54,13 +54,13 @@ def merge(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
     Equal to ``partial_state`` of the concatenated scores and values, up to
     rounding; order does not matter (``merge(a, b) == merge(b, a)``).
     """
-    m = torch.maximum(a.m, b.m)  # (...,)
+    m = torch.maximum(a.m, b.m)  # (..., T_q)
     scale_a, scale_b = torch.exp(a.m - _finite(m)), torch.exp(b.m - _finite(m))  # <= 1: shrink the smaller max's sums
     return SoftmaxState(m, a.l * scale_a + b.l * scale_b, a.acc * scale_a[..., None] + b.acc * scale_b[..., None])
 
 
 def finish(state: SoftmaxState) -> tuple[Tensor, Tensor]:
-    """``(out (..., D), lse (...,) float32)``: divide by the sum once, at the end; lse = m + log l."""
+    """``(out (..., T_q, D), lse (..., T_q) float32)``: divide by the sum once, at the end; lse = m + log l."""
     denom = state.l.masked_fill(state.l == 0, 1.0)  # a fully masked row: acc = 0, and 0 / 1 = 0
     lse = _finite(state.m) + torch.log(state.l)  # log 0 = -inf for a fully masked row
     return state.acc / denom[..., None], lse.float()
