@@ -1,0 +1,149 @@
+"""The Triton FlashAttention kernels against PyTorch, on CPU under Triton's interpreter (small shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmbook.attention import attention_with_lse, causal_mask
+from llmbook.kernels import flash_triton as ft
+
+# (B, H, H_kv, T_q, T_k, D, causal)
+CASES = [
+    (1, 2, 2, 1, 1, 16, False),
+    (1, 2, 2, 1, 1, 16, True),
+    (2, 2, 2, 17, 17, 16, False),
+    (2, 2, 2, 17, 17, 16, True),
+    (1, 2, 2, 17, 17, 64, False),
+    (1, 2, 2, 17, 17, 64, True),
+    (1, 8, 2, 17, 17, 16, False),  # grouped-query 8:2
+    (1, 8, 2, 17, 17, 16, True),
+    (1, 4, 1, 17, 17, 64, True),  # multi-query
+    (1, 4, 2, 1, 17, 16, True),  # one new token after 16 cached ones (bottom-right causal)
+    (1, 2, 2, 5, 17, 16, True),
+    (1, 2, 2, 1, 17, 16, False),
+    (1, 2, 2, 100, 100, 16, True),
+    (1, 2, 1, 100, 100, 32, False),
+    (1, 1, 1, 17, 17, 24, True),  # head dim padded to 32 with masks
+    (1, 1, 1, 17, 17, 32, False),
+    (1, 1, 1, 33, 33, 128, True),
+]
+
+
+def _inputs(B, H, H_kv, T_q, T_k, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T_q, D, generator=g).requires_grad_()
+    k = torch.randn(B, H_kv, T_k, D, generator=g).requires_grad_()
+    v = torch.randn(B, H_kv, T_k, D, generator=g).requires_grad_()
+    return q, k, v
+
+
+def _sdpa(q, k, v, causal, scale=None):
+    """PyTorch's attention with our bottom-right causal mask (its is_causal aligns top-left)."""
+    mask = causal_mask(q.shape[2], k.shape[2]) if causal else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+@pytest.mark.parametrize("B,H,H_kv,T_q,T_k,D,causal", CASES)
+def test_forward_and_gradients_match_pytorch(B, H, H_kv, T_q, T_k, D, causal):
+    q, k, v = _inputs(B, H, H_kv, T_q, T_k, D)
+    out, lse = ft.flash_forward_triton(q.detach(), k.detach(), v.detach(), causal=causal)
+    ref_out, ref_lse = attention_with_lse(q.detach(), k.detach(), v.detach(), is_causal=causal)
+    assert out.shape == (B, H, T_q, D) and lse.shape == (B, H, T_q) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-4)
+
+    dout = torch.randn(B, H, T_q, D, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(ft.flash_attention_triton(q, k, v, causal=causal), (q, k, v), dout)
+    ref_grads = torch.autograd.grad(_sdpa(q, k, v, causal), (q, k, v), dout)
+    for name, got, want in zip("qkv", grads, ref_grads, strict=True):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_scale_argument_and_noncontiguous_inputs():
+    """A custom scale, and q, k, v as transposed views of (B, T, H, D) tensors: the kernels use the strides."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 20, 4, 16, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 20, 2, 16, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, 20, 2, 16, generator=g).transpose(1, 2).requires_grad_()
+    assert not q.is_contiguous()
+    out = ft.flash_attention_triton(q, k, v, causal=True, scale=0.3)
+    ref = _sdpa(q, k, v, True, scale=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    dout = torch.randn(out.shape, generator=g).transpose(2, 3).contiguous().transpose(2, 3)  # strided dO too
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout),
+                         strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_rows_that_see_no_key_give_zero_output_and_gradient():
+    """Causal with T_q > T_k: the first T_q - T_k queries come before every key (as in causal_mask)."""
+    q, k, v = _inputs(1, 2, 1, 20, 17, 16)
+    out, lse = ft.flash_forward_triton(q.detach(), k.detach(), v.detach(), causal=True)
+    ref_out, ref_lse = attention_with_lse(q.detach(), k.detach(), v.detach(), is_causal=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-4)  # -inf in the first three rows
+    assert torch.isneginf(lse[..., :3]).all() and (out[..., :3, :] == 0).all()
+    dout = torch.ones(1, 2, 20, 16)
+    dq, dk, dv = torch.autograd.grad(ft.flash_attention_triton(q, k, v, causal=True), (q, k, v), dout)
+    assert torch.isfinite(dk).all() and torch.isfinite(dv).all() and (dq[..., :3, :] == 0).all()
+    ref_dq = torch.autograd.grad(attention_with_lse(q, k, v, is_causal=True)[0], q, dout)[0]
+    torch.testing.assert_close(dq, ref_dq, atol=2e-5, rtol=1e-4)
+
+
+def test_causal_kernels_skip_fully_masked_tiles():
+    """NaN in tiles a causal program must skip: if it loaded them, 0 * NaN would poison its output.
+
+    With 16 x 16 tiles and T = 32, query tile 0 (rows 0-15) sees no key of key tile 1 (keys 16-31): the
+    forward and dQ programs of query tile 0 must not loop over it, and the dK/dV program of key tile 1
+    must not loop over query tile 0.
+    """
+    block = ft.INTERPRETER_CONFIG.kwargs["BLOCK_N"]
+    assert block == ft.INTERPRETER_CONFIG.kwargs["BLOCK_M"] == 16
+    q, k, v = _inputs(1, 1, 1, 2 * block, 2 * block, 16)
+    v_poisoned = v.detach().clone()
+    v_poisoned[..., block:, :] = float("nan")
+    v_poisoned.requires_grad_()
+    out = ft.flash_attention_triton(q, k, v_poisoned, causal=True)
+    assert torch.isfinite(out[..., :block, :]).all() and torch.isnan(out[..., block:, :]).all()
+    (dq,) = torch.autograd.grad(out[..., :block, :].sum(), (q,))
+    assert torch.isfinite(dq[..., :block, :]).all()
+
+    dout = torch.ones(1, 1, 2 * block, 16)
+    dout[..., :block, :] = float("nan")
+    dk, dv = torch.autograd.grad(ft.flash_attention_triton(q, k, v, causal=True), (k, v), dout)
+    assert torch.isfinite(dk[..., block:, :]).all() and torch.isfinite(dv[..., block:, :]).all()
+
+
+@pytest.mark.parametrize(
+    "shapes,dtype,match",
+    [
+        (((1, 4, 16), (1, 1, 4, 16), (1, 1, 4, 16)), torch.float32, "shape"),
+        (((1, 3, 4, 16), (1, 2, 4, 16), (1, 2, 4, 16)), torch.float32, "multiple of kv heads"),
+        (((1, 2, 4, 16), (1, 2, 4, 16), (1, 2, 5, 16)), torch.float32, "k and v"),
+        (((1, 1, 4, 256), (1, 1, 4, 256), (1, 1, 4, 256)), torch.float32, "head_dim"),
+        (((1, 1, 4, 16), (1, 1, 4, 16), (1, 1, 4, 16)), torch.float64, "float32"),
+        (((1, 1, 0, 16), (1, 1, 4, 16), (1, 1, 4, 16)), torch.float32, "non-empty"),
+    ],
+)
+def test_bad_inputs_raise_one_clear_error(shapes, dtype, match):
+    q, k, v = (torch.zeros(s, dtype=dtype) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        ft.flash_attention_triton(q, k, v)
+
+
+def test_mixed_devices_and_dtypes_are_refused():
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="one device"):
+        ft.flash_forward_triton(q, q.to("meta"), q)
+    with pytest.raises(ValueError, match="one dtype"):
+        ft.flash_forward_triton(q, q.double(), q)
+
+
+def test_cpu_runs_under_the_interpreter_with_one_config():
+    if not torch.cuda.is_available():
+        assert ft.INTERPRET
+    if ft.INTERPRET:
+        assert [c.kwargs for c in ft._fwd.configs] == [ft.INTERPRETER_CONFIG.kwargs]
