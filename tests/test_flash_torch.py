@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import doctest
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
 from llmbook.attention import attention_with_lse, causal_mask, scaled_dot_product_attention
-from llmbook.kernels import flash_torch
+from llmbook.kernels import flash_torch, tiling
 from llmbook.kernels.flash_torch import flash_attention_torch, flash_backward_torch, flash_forward_torch
 from llmbook.kernels.tiling import DIAGONAL, FULL, SKIP, tile_counts, tile_grid
 
 F64 = {"atol": 1e-10, "rtol": 1e-10}
 pytestmark = pytest.mark.usefixtures("seed_and_one_thread")  # tests/conftest.py
+
+
+def test_module_doctests():
+    result = doctest.testmod(tiling)
+    assert result.attempted > 0 and result.failed == 0
 
 LENGTHS = [(1, 1), (17, 17), (100, 100), (1, 17), (5, 17)]  # (T_q, T_k): ragged against blocks of 16
 HEADS = [(4, 4), (8, 2), (4, 1)]  # (H, H_kv): multi-head, grouped-query 8:2, multi-query 4:1

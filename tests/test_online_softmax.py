@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import doctest
 import math
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+import llmbook.kernels.online_softmax as online_softmax_module
 from llmbook.attention import attention_with_lse, softmax
 from llmbook.kernels.online_softmax import SoftmaxState, finish, merge, online_softmax, partial_state
 
 F64 = {"atol": 1e-12, "rtol": 1e-12}
 NEG_INF = float("-inf")
 pytestmark = pytest.mark.usefixtures("seed_and_one_thread")  # tests/conftest.py
+
+
+def test_module_doctests():
+    result = doctest.testmod(online_softmax_module)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def test_merge_of_two_blocks_equals_softmax_over_the_union():

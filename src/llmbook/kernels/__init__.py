@@ -26,12 +26,14 @@ from llmbook.kernels.flash_torch import (
     flash_forward_torch,
 )
 from llmbook.kernels.memory import peak_memory
-from llmbook.kernels.online_softmax import SoftmaxState, finish, merge, online_softmax, partial_state
+from llmbook.kernels.online_softmax import SoftmaxState, finish, merge, partial_state  # not online_softmax: see below
 from llmbook.kernels.tiling import tile_counts, tile_grid
 
+# The function online_softmax is not re-exported: it would hide the module of the same name,
+# ``llmbook.kernels.online_softmax``; import it from there.
 __all__ = [
     "FlashAttentionTorch", "SoftmaxState", "finish", "flash_attention_torch", "flash_backward_torch",
-    "flash_forward_torch", "merge", "online_softmax", "partial_state", "peak_memory", "tile_counts", "tile_grid",
+    "flash_forward_torch", "merge", "partial_state", "peak_memory", "tile_counts", "tile_grid",
 ]
 
 
