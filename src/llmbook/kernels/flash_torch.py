@@ -95,6 +95,7 @@ def flash_forward_torch(
             if kind == DIAGONAL:
                 visible = _diagonal_mask(qs, qe, ks, ke, T_k - T_q, q.device)  # (bq, bk)
                 s = s.view(B, H_kv, G, bq, ke - ks).masked_fill(~visible, NEG_INF).view_as(s)
+            # merge(state, partial_state(s, v_tile)) of online_softmax.py, written out as the kernel does it
             m_new = torch.maximum(m_i, s.amax(dim=-1))  # (B, H_kv, G·bq)
             p = torch.exp(s - _finite(m_new)[..., None])  # (B, H_kv, G·bq, bk)
             rescale = torch.exp(m_i - _finite(m_new))  # shrinks the old sums if the max grew; exp(-inf) = 0 at first
@@ -125,7 +126,7 @@ def flash_backward_torch(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     f32 = torch.promote_types(q.dtype, torch.float32)
     qg, dog = q.view(B, H_kv, G, T_q, D), dout.reshape(B, H_kv, G, T_q, D)
-    lse_g = _finite(lse.view(B, H_kv, G, T_q).to(f32))  # a row that saw nothing: P = exp(-inf - 0) = 0
+    lse_g = _finite(lse.reshape(B, H_kv, G, T_q).to(f32))  # a row that saw nothing: P = exp(-inf - 0) = 0
     delta = (dout.to(f32) * out.to(f32)).sum(dim=-1).view(B, H_kv, G, T_q)  # D = rowsum(dO ∘ O)
     dq = torch.zeros(B, H_kv, G, T_q, D, dtype=f32, device=q.device)
     dk = torch.empty(B, H_kv, T_k, D, dtype=k.dtype, device=k.device)
