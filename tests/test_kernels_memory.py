@@ -56,3 +56,12 @@ def test_tiled_peak_grows_linearly_while_naive_grows_quadratically():
     assert peaks["tiled", 2048] / peaks["tiled", 1024] < 3  # about 2x: linear in T
     assert peaks["naive", 2048] / peaks["naive", 1024] > 3.5  # about 4x: quadratic in T
     assert peaks["naive", 2048] > 5 * peaks["tiled", 2048]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_peak_memory_on_cuda():
+    def allocate_64mb():
+        return float(torch.ones(16 * MB, device="cuda")[0])
+
+    result, peak = peak_memory(allocate_64mb, device="cuda")
+    assert result == 1.0 and 64 * MB <= peak < 70 * MB
