@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,3 +151,19 @@ def test_cpu_runs_under_the_interpreter_with_one_config():
         assert ft.INTERPRET
     if ft.INTERPRET:
         assert [c.kwargs for c in ft._fwd.configs] == [ft.INTERPRETER_CONFIG.kwargs]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is switched on only where CUDA is missing")
+def test_interpreter_works_when_triton_was_imported_first():
+    """triton imported with TRITON_INTERPRET unset: tl.zeros, tl.max... must be interpreted all the same."""
+    code = (
+        "import triton, torch\n"
+        "from llmbook.attention import attention_with_lse\n"
+        "from llmbook.kernels import flash_triton as ft\n"
+        "q = torch.randn(1, 2, 5, 16)\n"
+        "out, lse = ft.flash_forward_triton(q, q, q, causal=True)\n"
+        "torch.testing.assert_close(out, attention_with_lse(q, q, q, is_causal=True)[0], atol=1e-5, rtol=1e-4)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -40,6 +40,7 @@ runs as numpy code on the CPU, slowly but exactly, with one fixed small tile.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -52,8 +53,26 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+
+def _use_interpreter() -> None:
+    """Run every @triton.jit function created from now on under the interpreter, even if triton was imported.
+
+    ``@triton.jit`` reads ``triton.knobs.runtime.interpret`` when it decorates,
+    so setting the knob covers our kernels. Triton's own helpers (``tl.zeros``,
+    ``tl.max``, ``tl.sum``...) were decorated when ``triton.language`` was first
+    imported: if that happened with the interpreter off, reload those modules
+    so that they are interpreted too.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    triton.knobs.runtime.interpret = True
+    if not isinstance(tl.standard.zeros, InterpretedFunction):
+        for module in (tl.standard, tl.random, tl):
+            importlib.reload(module)
+
+
 if not torch.cuda.is_available():
-    triton.knobs.runtime.interpret = True  # effective even if triton was imported before this module
+    _use_interpreter()
 
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)  # True: kernels are Python run by the interpreter, on CPU
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e)), and exp2 is the GPU's native instruction
