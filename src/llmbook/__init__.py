@@ -8,7 +8,8 @@ Chapter 1 (what it takes): ``shapes`` (the one registry of named model shapes),
 ``notebook`` (figures, tables, ``show``), ``exercises`` (self-checking exercises),
 ``errors`` (the one-line errors a reader sees).
 Chapter 3: ``bpe``. Chapter 4: ``attention``, ``rope``. Chapter 5: ``layers``,
-``model``, ``generate``, ``hf_convert``. Chapter 7: ``loader``, ``losses``,
+``model``, ``generate``, ``hf_convert``. Chapter 6: ``kernels`` (online softmax,
+tiled FlashAttention in PyTorch and Triton). Chapter 7: ``loader``, ``losses``,
 ``optim``, ``schedule``, ``checkpoint``, ``train_config``, ``train``, ``pretrained``.
 """
 
