@@ -173,9 +173,13 @@ def print_gpu(result: dict) -> bool:
 
 # --- CPU: memory, and correctness under the interpreter --------------------------------------------------------------
 def _fwd_bwd(attn: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, dout: Tensor) -> None:
-    for t in (q, k, v):
-        t.grad = None
     attn(q, k, v, True).backward(dout)
+
+
+def _clear_grads(*tensors: Tensor) -> None:
+    """Before a measurement, not inside it: freeing old grads inside would count as negative memory."""
+    for t in tensors:
+        t.grad = None
 
 
 def cpu_memory(lengths: list[int], heads: int = 1, head_dim: int = 64, rounds: int = 3) -> list[dict]:
@@ -186,11 +190,14 @@ def cpu_memory(lengths: list[int], heads: int = 1, head_dim: int = 64, rounds: i
         gen = torch.Generator().manual_seed(0)
         q, k, v, dout = (torch.randn(1, heads, T, head_dim, generator=gen) for _ in range(4))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
+        _clear_grads(q, k, v)
         _, naive_peak = peak_memory(_fwd_bwd, naive_attention, q, k, v, dout)
+        _clear_grads(q, k, v)
         _, tiled_peak = peak_memory(_fwd_bwd, tiled, q, k, v, dout)
         times: dict[str, list[float]] = {"naive": [], "tiled": []}
         for _ in range(rounds if T <= 4096 else 1):  # interleaved, so a busy machine slows both alike
             for name, attn in (("naive", naive_attention), ("tiled", tiled)):
+                _clear_grads(q, k, v)
                 start = time.perf_counter()
                 _fwd_bwd(attn, q, k, v, dout)
                 times[name].append(time.perf_counter() - start)

@@ -167,3 +167,18 @@ def test_interpreter_works_when_triton_was_imported_first():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="16-bit inputs run on CUDA only (compiled kernels)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_half_precision_on_cuda(dtype, causal):
+    """bf16/fp16 in, float32 accumulation inside: as close to SDPA as two 16-bit roundings allow."""
+    q, k, v = (t.detach().to("cuda", dtype).requires_grad_() for t in _inputs(2, 8, 2, 300, 300, 64))
+    dout = torch.randn(2, 8, 300, 64, device="cuda", dtype=dtype)
+    out = ft.flash_attention_triton(q, k, v, causal=causal)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout),
+                         strict=True):
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)

@@ -105,7 +105,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_v
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # acc·alpha + P V
         m_i = m_new
     return acc, m_i, l_i
 
@@ -200,26 +200,32 @@ def _bwd_preprocess(Out, DO, Delta,
 def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, Lse, Delta, stride_qm, stride_qd, stride_dom, stride_dod,
                     offs_n, offs_d, T_q, T_k, causal_offset, lo, hi, qk_scale, HEAD_DIM: tl.constexpr,
                     CAUSAL_MASK: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add the contributions of query tiles lo, lo + BLOCK_M, ..., < hi to one key tile's dK and dV."""
+    """Add the contributions of query tiles lo, lo + BLOCK_M, ..., < hi to one key tile's dK and dV.
+
+    It works on the transposed tile S^T (keys x queries), so that dV = P^T dO
+    and dK = dS^T Q are plain matmuls of what is in registers, no transposes of
+    computed tiles; Q^T is loaded transposed straight from memory instead.
+    """
     mask_d = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_mask = rows < T_q
-        q_mask = row_mask[:, None] & mask_d[None, :]
-        q = tl.load(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-        do = tl.load(DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+        qT = tl.load(Q + rows[None, :] * stride_qm + offs_d[:, None] * stride_qd,  # (BLOCK_D, BLOCK_M)
+                     mask=mask_d[:, None] & row_mask[None, :], other=0.0)
+        do = tl.load(DO + rows[:, None] * stride_dom + offs_d[None, :] * stride_dod,  # (BLOCK_M, BLOCK_D)
+                     mask=row_mask[:, None] & mask_d[None, :], other=0.0)
         lse2 = tl.load(Lse + rows, mask=row_mask, other=0.0) * LOG2E_CONST
         delta = tl.load(Delta + rows, mask=row_mask, other=0.0)
         # recompute the probabilities from the saved lse: P = exp(S - lse), no running max needed any more
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        visible = row_mask[:, None] & (offs_n[None, :] < T_k)
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+        visible = (offs_n[:, None] < T_k) & row_mask[None, :]
         if CAUSAL_MASK:
-            visible = visible & (offs_n[None, :] <= rows[:, None] + causal_offset)
-        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)  # dV = P^T dO
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # dP = dO V^T
-        ds = p * (dp - delta[:, None])  # dS = P * (dP - D): softmax's backward, row by row
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)  # dK = dS^T Q (scale later)
+            visible = visible & (offs_n[:, None] <= rows[None, :] + causal_offset)
+        pT = tl.where(visible, tl.exp2(sT - lse2[None, :]), 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # dV += P^T dO
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dP^T = V dO^T
+        dsT = pT * (dpT - delta[None, :])  # dS = P * (dP - D): softmax's backward, row by row
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)  # dK += dS^T Q (scale later)
     return dk, dv
 
 
@@ -276,9 +282,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, qk_scale, sm_scale,
                                      qk_scale, HEAD_DIM, False, BLOCK_M, DOT_PRECISION)
     dk = dk * sm_scale  # S = scale * Q K^T, so dK = scale * dS^T Q
     # DK and DV are contiguous (B, H_kv, T_k, D), allocated by the wrapper
-    out_ptrs = bh_kv * T_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    offsets = bh_kv * T_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + offsets, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + offsets, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -300,7 +306,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn,
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)  # dQ = dS K (scale later)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)  # dQ += dS K (scale later)
     return dq
 
 
