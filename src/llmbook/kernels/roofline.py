@@ -89,9 +89,9 @@ def naive_attention_traffic(B: int, H: int, T: int, D: int, bytes_per_value: int
     qkvo = B * H * T * D * b  # bytes of one (B, H, T, D) tensor
     scores = B * H * T * T * b  # bytes of one (B, H, T, T) matrix
     return [
-        Traffic("scores q kᵀ", 2 * B * H * T * T * D, 2 * qkvo, scores),
+        Traffic("scores q @ k.T", 2 * B * H * T * T * D, 2 * qkvo, scores),
         Traffic("softmax", SOFTMAX_FLOPS_PER_SCORE * B * H * T * T, scores, scores),
-        Traffic("P v", 2 * B * H * T * T * D, scores + qkvo, qkvo),
+        Traffic("P @ v", 2 * B * H * T * T * D, scores + qkvo, qkvo),
     ]
 
 
