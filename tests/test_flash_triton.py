@@ -182,3 +182,32 @@ def test_half_precision_on_cuda(dtype, causal):
     for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout),
                          strict=True):
         torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+_COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from llmbook.kernels import flash_triton as ft
+
+assert not ft.INTERPRET
+pointers = {"Lse": "*fp32", "Delta": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32",
+            **{name: "*bf16" for name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV")}}
+consts = {"HEAD_DIM": 64, "CAUSAL": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "DOT_PRECISION": "tf32"}
+for kernel in (ft._fwd_kernel, ft._bwd_preprocess, ft._bwd_dkdv_kernel, ft._bwd_dq_kernel):
+    c = {name: value for name, value in consts.items() if name in kernel.arg_names}
+    signature = {name: "constexpr" if name in c else pointers.get(name, "i32")
+                 for name in kernel.arg_names}
+    triton.compile(ASTSource(kernel, signature, constexprs=c), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 4, "num_stages": 3})
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels for real in the other tests")
+def test_kernels_compile_for_a_gpu():
+    """No GPU here, but Triton can still compile the kernels for one (H100/H200, sm_90, bfloat16, causal):
+    a check that the code that only a GPU runs is valid Triton, not only valid Python for the interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -36,6 +36,8 @@ per (T, D). Without CUDA this module turns on Triton's interpreter *before*
 the kernels are created (``TRITON_INTERPRET=1``, also through
 ``triton.knobs`` in case triton was imported already): each program then
 runs as numpy code on the CPU, slowly but exactly, with one fixed small tile.
+``TRITON_INTERPRET=0`` keeps the kernels compiled even there, for checking
+that they compile for a GPU (``triton.compile`` with a ``GPUTarget``).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ import os
 import torch
 from torch import Tensor
 
-if not torch.cuda.is_available():
+# Without CUDA the kernels can only run interpreted; TRITON_INTERPRET=0 opts out (to compile for a GPU ahead of time)
+_NEEDS_INTERPRETER = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "0"
+if _NEEDS_INTERPRETER:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when @triton.jit runs, so set it before the kernels exist
 
 import triton  # noqa: E402
@@ -71,7 +75,7 @@ def _use_interpreter() -> None:
             importlib.reload(module)
 
 
-if not torch.cuda.is_available():
+if _NEEDS_INTERPRETER:
     _use_interpreter()
 
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)  # True: kernels are Python run by the interpreter, on CPU
