@@ -123,6 +123,9 @@ def gpu_benchmark(quick: bool) -> dict:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         with torch.no_grad():  # correctness first: the kernels have never run on this GPU before
             err = (flash_attention_triton(q, k, v, causal).float() - sdpa_flash(q, k, v, causal).float()).abs().max()
+        flash_attention_triton(q, k, v, causal).backward(dout)  # autotune the backward kernels outside the timing
+        for t in (q, k, v):
+            t.grad = None
         for mode in MODES:
             row = {"head_dim": D, "causal": causal, "T": T, "batch": B, "heads": H, "mode": mode,
                    "max_abs_err_vs_sdpa": round(err.item(), 5)}
