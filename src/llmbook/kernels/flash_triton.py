@@ -137,7 +137,10 @@ def _fwd_kernel(Q, K, V, Out, Lse, qk_scale,
                 H, T_q, T_k, GROUP, T_BUCKET,
                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program: out and lse of BLOCK_M query rows of one (batch, head). Grid: (cdiv(T_q, BLOCK_M), B * H)."""
+    """One program: out and lse of BLOCK_M query rows of one (batch, head). Grid: (cdiv(T_q, BLOCK_M), B * H).
+
+    GROUP = H // H_kv query heads share a kv head. T_BUCKET is not used here: it is the autotuner's key.
+    """
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -493,6 +496,7 @@ class FlashAttentionTriton(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' backward is not itself differentiable
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = flash_backward_triton(q, k, v, out, lse, dout, ctx.causal, ctx.scale)
