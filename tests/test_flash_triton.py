@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from llmbook.attention import attention_with_lse, causal_mask
 from llmbook.kernels import flash_triton as ft
 
+# where the kernels run: CPU tensors under the interpreter here; on a CUDA machine the compiled kernels on the GPU
+DEVICE = "cpu" if ft.INTERPRET else "cuda"
+
 # (B, H, H_kv, T_q, T_k, D, causal)
 CASES = [
     (1, 2, 2, 1, 1, 16, False),
@@ -37,9 +40,9 @@ CASES = [
 
 def _inputs(B, H, H_kv, T_q, T_k, D, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, T_q, D, generator=g).requires_grad_()
-    k = torch.randn(B, H_kv, T_k, D, generator=g).requires_grad_()
-    v = torch.randn(B, H_kv, T_k, D, generator=g).requires_grad_()
+    q = torch.randn(B, H, T_q, D, generator=g).to(DEVICE).requires_grad_()
+    k = torch.randn(B, H_kv, T_k, D, generator=g).to(DEVICE).requires_grad_()
+    v = torch.randn(B, H_kv, T_k, D, generator=g).to(DEVICE).requires_grad_()
     return q, k, v
 
 
@@ -58,7 +61,7 @@ def test_forward_and_gradients_match_pytorch(B, H, H_kv, T_q, T_k, D, causal):
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-4)
 
-    dout = torch.randn(B, H, T_q, D, generator=torch.Generator().manual_seed(1))
+    dout = torch.randn(B, H, T_q, D, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     grads = torch.autograd.grad(ft.flash_attention_triton(q, k, v, causal=causal), (q, k, v), dout)
     ref_grads = torch.autograd.grad(_sdpa(q, k, v, causal), (q, k, v), dout)
     for name, got, want in zip("qkv", grads, ref_grads, strict=True):
@@ -69,14 +72,14 @@ def test_forward_and_gradients_match_pytorch(B, H, H_kv, T_q, T_k, D, causal):
 def test_scale_argument_and_noncontiguous_inputs():
     """A custom scale, and q, k, v as transposed views of (B, T, H, D) tensors: the kernels use the strides."""
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(1, 20, 4, 16, generator=g).transpose(1, 2).requires_grad_()
-    k = torch.randn(1, 20, 2, 16, generator=g).transpose(1, 2).requires_grad_()
-    v = torch.randn(1, 20, 2, 16, generator=g).transpose(1, 2).requires_grad_()
+    q = torch.randn(1, 20, 4, 16, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 20, 2, 16, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, 20, 2, 16, generator=g).to(DEVICE).transpose(1, 2).requires_grad_()
     assert not q.is_contiguous()
     out = ft.flash_attention_triton(q, k, v, causal=True, scale=0.3)
     ref = _sdpa(q, k, v, True, scale=0.3)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    dout = torch.randn(out.shape, generator=g).transpose(2, 3).contiguous().transpose(2, 3)  # strided dO too
+    dout = torch.randn(out.shape, generator=g).to(DEVICE).transpose(2, 3).contiguous().transpose(2, 3)  # strided
     for got, want in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout),
                          strict=True):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
@@ -90,13 +93,14 @@ def test_rows_that_see_no_key_give_zero_output_and_gradient():
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-4)  # -inf in the first three rows
     assert torch.isneginf(lse[..., :3]).all() and (out[..., :3, :] == 0).all()
-    dout = torch.ones(1, 2, 20, 16)
+    dout = torch.ones(1, 2, 20, 16, device=DEVICE)
     dq, dk, dv = torch.autograd.grad(ft.flash_attention_triton(q, k, v, causal=True), (q, k, v), dout)
     assert torch.isfinite(dk).all() and torch.isfinite(dv).all() and (dq[..., :3, :] == 0).all()
     ref_dq = torch.autograd.grad(attention_with_lse(q, k, v, is_causal=True)[0], q, dout)[0]
     torch.testing.assert_close(dq, ref_dq, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(not ft.INTERPRET, reason="needs the interpreter's known 16 x 16 tiles (a GPU autotunes them)")
 def test_causal_kernels_skip_fully_masked_tiles():
     """NaN in tiles a causal program must skip: if it loaded them, 0 * NaN would poison its output.
 
@@ -133,13 +137,13 @@ def test_causal_kernels_skip_fully_masked_tiles():
     ],
 )
 def test_bad_inputs_raise_one_clear_error(shapes, dtype, match):
-    q, k, v = (torch.zeros(s, dtype=dtype) for s in shapes)
+    q, k, v = (torch.zeros(s, dtype=dtype, device=DEVICE) for s in shapes)
     with pytest.raises(ValueError, match=match):
         ft.flash_attention_triton(q, k, v)
 
 
 def test_mixed_devices_and_dtypes_are_refused():
-    q = torch.zeros(1, 1, 4, 16)
+    q = torch.zeros(1, 1, 4, 16, device=DEVICE)
     with pytest.raises(ValueError, match="one device"):
         ft.flash_forward_triton(q, q.to("meta"), q)
     with pytest.raises(ValueError, match="one dtype"):
@@ -189,6 +193,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from llmbook.kernels import flash_triton as ft
+
+# where the kernels run: CPU tensors under the interpreter here; on a CUDA machine the compiled kernels on the GPU
+DEVICE = "cpu" if ft.INTERPRET else "cuda"
 
 assert not ft.INTERPRET
 pointers = {"Lse": "*fp32", "Delta": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32",
