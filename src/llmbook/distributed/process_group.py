@@ -1,0 +1,326 @@
+"""Process groups: join one from torchrun's environment, or spawn N local ranks from a notebook cell.
+
+Every distributed program starts the same way: each process learns its ``rank``
+(0..world_size-1), the ``world_size`` and where to meet the others (a key-value
+*store* at ``MASTER_ADDR:MASTER_PORT``), then calls ``init_process_group``.
+``torchrun`` provides that environment; :func:`init_from_env` reads it.
+
+:func:`spawn` is a tiny ``torchrun`` for notebooks and tests: it starts
+``world_size`` fresh Python processes on this machine (loopback only), gives
+each the same environment torchrun would, runs ``fn(rank, world_size, *args)``
+in each and returns the ranks' results in rank order.
+
+Why fresh processes (``subprocess`` + ``cloudpickle``) rather than ``fork``:
+a forked child inherits the parent's threads' locks (a Jupyter kernel runs
+several threads, PyTorch an OpenMP pool) and cannot use CUDA once the parent
+has, so it can deadlock or fail on a GPU machine. Fresh interpreters cannot
+import a function a reader defined in a notebook cell (its ``__module__`` is
+``__main__``, which has no file), so the function and its arguments travel
+*by value* with ``cloudpickle``; functions from importable modules travel by
+reference as usual. The processes meet at a key-value store that this
+process hosts on a free port chosen by the operating system, as torchrun's
+agent does (``TORCHELASTIC_USE_AGENT_STORE``), so no port can be taken
+between choosing it and using it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmbook.errors import RunError
+
+BACKENDS = ("gloo", "nccl")
+ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class RankError(RuntimeError):
+    """A rank started by :func:`spawn` failed; ``rank`` says which, ``rank_traceback`` holds its traceback text.
+
+    The first line of the message names the rank and its error; the rank's own
+    traceback follows, because the frames that matter ran in another process.
+    """
+
+    def __init__(self, message: str, rank: int, error_type: str, rank_traceback: str):
+        super().__init__(message)
+        self.rank, self.error_type, self.rank_traceback = rank, error_type, rank_traceback
+
+
+def require_distributed() -> None:
+    """Fail with one line if this PyTorch build has no ``torch.distributed`` (some macOS/mobile builds)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RunError(
+            "torch.distributed is not available in this PyTorch build; "
+            "install an official torch wheel for Linux, macOS or Windows, which include it"
+        )
+
+
+def default_backend() -> str:
+    """``nccl`` where CUDA GPUs are visible, ``gloo`` (CPU tensors) otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def check_backend(backend: str) -> None:
+    """One clear line for a backend this machine cannot run."""
+    import torch.distributed as dist
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; use 'gloo' (CPU tensors) or 'nccl' (CUDA tensors)")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("backend='nccl' needs CUDA GPUs and torch.cuda.is_available() is False; use backend='gloo'")
+    if backend == "nccl" and not dist.is_nccl_available():
+        raise ValueError("backend='nccl' is not built into this PyTorch; install a CUDA build of torch or use 'gloo'")
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group described by torchrun's environment and return ``(rank, world_size)``.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (and
+    ``LOCAL_RANK`` to pick this process's GPU under ``nccl``). ``backend=None``
+    picks ``nccl`` on CUDA and ``gloo`` on CPU. Calling it again in a process
+    that already joined returns the same pair.
+    """
+    require_distributed()
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    missing = [name for name in ENV_VARS if not os.environ.get(name)]
+    if missing:
+        raise RunError(
+            f"init_from_env: {', '.join(missing)} not set; start the script with "
+            "`torchrun --nproc_per_node=N script.py`, or call spawn(fn, N) from a notebook"
+        )
+    backend = default_backend() if backend is None else backend
+    check_backend(backend)
+    rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} must lie in 0..WORLD_SIZE-1 (WORLD_SIZE={world_size})")
+    if backend == "nccl":
+        local_rank = _env_int("LOCAL_RANK") if os.environ.get("LOCAL_RANK") else rank
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                "start at most one process per GPU on each node"
+            )
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+    return rank, world_size
+
+
+# --------------------------------------------------------------------------- spawn
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Move tensors in (nested) lists, tuples and dicts to the CPU, so the caller never touches a rank's GPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, list):
+        return [_to_cpu(x) for x in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_to_cpu(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # the parent never reads a half-written file
+
+
+def _worker_main(workdir: str, backend: str) -> None:
+    """Entry point of one spawned rank: join the group, run the function, write its result or its error."""
+    import cloudpickle
+
+    rank = int(os.environ["RANK"])
+    out = Path(workdir) / f"rank{rank}.pkl"
+    try:
+        torch.set_num_threads(1)  # p ranks share the cores; more threads only contend
+        fn, args = pickle.loads((Path(workdir) / "payload.pkl").read_bytes())
+        import torch.distributed as dist
+
+        _, world_size = init_from_env(backend)
+        result = _to_cpu(fn(rank, world_size, *args))
+        data = cloudpickle.dumps(("ok", result))
+        dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 -- every failure must reach the caller, SystemExit included
+        report = ("error", type(exc).__name__, str(exc), traceback.format_exc(), time.time())
+        _write(out, pickle.dumps(report))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # skip destroy/atexit: the other ranks may be stuck in a collective with us
+    _write(out, data)
+
+
+def _check_world_size(world_size: Any) -> int:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be a positive integer (the number of ranks to start)")
+    cores = os.cpu_count() or 1
+    limit = max(64, 4 * cores)
+    if world_size > limit:
+        raise ValueError(f"world_size={world_size} is too many processes for {cores} CPU cores; use at most {limit}")
+    return world_size
+
+
+def _child_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [os.getcwd() if p == "" else p for p in sys.path]
+    env.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # every rank is a client of the store this process hosts
+        OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return text[-n:]
+
+
+def _echo_stdout(workdir: Path, world_size: int) -> None:
+    """Print what each rank printed, each line prefixed with its rank, in rank order (deterministic in a notebook)."""
+    for rank in range(world_size):
+        text = _tail(workdir / f"rank{rank}.out", 100_000)
+        for line in text.splitlines():
+            print(f"[rank {rank}] {line}")
+
+
+def _failure(workdir: Path, procs: list[subprocess.Popen], world_size: int) -> RankError:
+    """The error of the rank that failed first (the others usually fail *because* it did)."""
+    reports = []
+    for rank in range(world_size):
+        path = workdir / f"rank{rank}.pkl"
+        if path.exists():
+            report = pickle.loads(path.read_bytes())
+            if report[0] == "error":
+                reports.append((report[4], rank, report))
+    if reports:
+        _, rank, (_, kind, message, tb, _) = min(reports)
+        first = message.strip().splitlines()[0] if message.strip() else ""
+        text = f"rank {rank} of {world_size} raised {kind}: {first}\n\n--- traceback of rank {rank} ---\n{tb}"
+        return RankError(text, rank, kind, tb)
+    for rank, proc in enumerate(procs):  # no report: a rank died without Python noticing (signal, out of memory)
+        if proc.returncode not in (0, None) and proc.returncode != -9:
+            err = _tail(workdir / f"rank{rank}.err")
+            text = f"rank {rank} of {world_size} exited with code {proc.returncode} without a Python error\n\n{err}"
+            return RankError(text, rank, "exit", err)
+    return RankError(f"a rank of {world_size} failed without a report", -1, "exit", "")
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
+        proc.wait()
+
+
+def spawn(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str = "gloo",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local ranks and return their results in rank order.
+
+    Each rank is a fresh Python process with its process group initialised
+    (``backend``, loopback) before ``fn`` runs and destroyed after, and one
+    torch thread. ``fn`` may be defined in a notebook cell. Results come back
+    pickled (tensors moved to the CPU); what a rank prints is shown here after
+    all ranks finish, each line prefixed with ``[rank r]``. If a rank raises,
+    the others are stopped and :class:`RankError` names the rank and its
+    error and carries its traceback; after ``timeout_s`` seconds all ranks are
+    stopped and ``TimeoutError`` is raised, so a mismatched collective never
+    hangs the caller.
+    """
+    import cloudpickle
+
+    world_size = _check_world_size(world_size)
+    require_distributed()
+    check_backend(backend)
+    if backend == "nccl" and world_size > torch.cuda.device_count():
+        raise ValueError(f"world_size={world_size} with nccl needs as many GPUs; {torch.cuda.device_count()} visible")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
+    try:
+        payload = cloudpickle.dumps((fn, args))
+    except Exception as exc:  # noqa: BLE001 -- anything unpicklable gets the same one-line advice
+        raise ValueError(
+            f"spawn cannot send {getattr(fn, '__name__', fn)!r} or its arguments to the ranks ({type(exc).__name__}: "
+            f"{exc}); pass tensors, numbers and plain containers, and create models inside the function"
+        ) from None
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
+                          wait_for_workers=False)
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="llmbook_spawn_") as tmp:
+        workdir = Path(tmp)
+        (workdir / "payload.pkl").write_bytes(payload)
+        code = f"from llmbook.distributed.process_group import _worker_main; _worker_main({tmp!r}, {backend!r})"
+        try:
+            for rank in range(world_size):
+                with open(workdir / f"rank{rank}.out", "wb") as out, open(workdir / f"rank{rank}.err", "wb") as err:
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-c", code], env=_child_env(rank, world_size, store.port),
+                        stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                    ))
+            deadline = time.monotonic() + timeout_s
+            while True:
+                codes = [proc.poll() for proc in procs]
+                if any(c not in (None, 0) for c in codes):
+                    _stop(procs)
+                    _echo_stdout(workdir, world_size)
+                    raise _failure(workdir, procs, world_size)
+                if all(c == 0 for c in codes):
+                    break
+                if time.monotonic() > deadline:
+                    _stop(procs)
+                    _echo_stdout(workdir, world_size)
+                    waiting = [r for r, c in enumerate(codes) if c is None]
+                    raise TimeoutError(
+                        f"spawn: ranks {waiting} of {world_size} did not finish within {timeout_s:g} s and were "
+                        "stopped; a rank may wait in a collective another rank never called "
+                        "(pass timeout_s=... if the work is only slow)"
+                    )
+                time.sleep(0.01)
+        finally:
+            _stop(procs)
+            del store
+        _echo_stdout(workdir, world_size)
+        results = []
+        for rank in range(world_size):
+            path = workdir / f"rank{rank}.pkl"
+            if not path.exists():
+                raise RankError(f"rank {rank} of {world_size} exited without a result", rank, "exit",
+                                _tail(workdir / f"rank{rank}.err"))
+            results.append(pickle.loads(path.read_bytes())[1])
+    return results
