@@ -106,3 +106,8 @@ def test_gradients_travel_in_several_overlapped_buckets(ranks):
         assert r["buckets"] > 1
         assert r["sent"] == [r["buckets"]] * STEPS
         assert r["overlapped"] >= 1  # at least one bucket left while backward still had gradients to compute
+
+
+def test_without_a_process_group_says_what_to_do():
+    with pytest.raises(RuntimeError, match="needs a process group"):
+        DataParallel(nn.Linear(2, 2))

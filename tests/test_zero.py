@@ -1,0 +1,126 @@
+"""ZeRO-1/2 from scratch against one process on the global batch and torch's ZeroRedundancyOptimizer (2 and 3 ranks)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from llmbook.distributed.process_group import spawn
+from llmbook.distributed.zero import ZeroOptimizer
+from llmbook.model import GPT, ModelConfig
+from llmbook.optim import AdamW, param_groups
+
+CFG = ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0)
+B, T, STEPS = 2, 16, 3  # per-rank batch, sequence length, optimizer steps
+HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+WD = 0.1
+# Elementwise tolerance: 3% of one step of lr 1e-3. Adam divides by sqrt(v), so for a gradient near 0 the
+# last-bit differences of another summation order (a sum over ranks vs one batch) become a visible part of a step.
+TOL = dict(atol=3e-5, rtol=1e-5)
+
+
+def global_batch(step: int, world_size: int) -> tuple[Tensor, Tensor]:
+    """The whole step's batch ``(world_size·B, T)``; rank r trains on rows r·B .. (r+1)·B."""
+    g = torch.Generator().manual_seed(200 + step)
+    x = torch.randint(0, CFG.vocab_size, (world_size * B, T + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+def train(model: nn.Module, opt, batches: list[tuple[Tensor, Tensor]]) -> dict:
+    """``STEPS`` steps; returns the optimizer's memory report taken after the last step (before zero_grad)."""
+    report = {}
+    for x, y in batches:
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        if isinstance(opt, ZeroOptimizer):  # after step: stage 2 holds only its gradient shard
+            report = opt.memory_report()
+        opt.zero_grad(set_to_none=True)
+    return report
+
+
+def flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.nbytes for s in opt.state.values() for t in s.values() if isinstance(t, Tensor))
+
+
+def _zero_rank(rank: int, world_size: int, with_torch: bool) -> dict:
+    """Single process, our stage 1 and stage 2 (and torch's ZeRO) on one rank, in one spawn."""
+    torch.manual_seed(0)
+    base = GPT(CFG)
+    batches = [global_batch(s, world_size) for s in range(STEPS)]
+    mine = [(x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]) for x, y in batches]
+    out = {"numel": sum(p.numel() for p in base.parameters())}
+
+    single = copy.deepcopy(base)
+    single_opt = AdamW(param_groups(single, WD), **HP, weight_decay=WD)
+    train(single, single_opt, batches)
+    out["single"], out["single_state_bytes"] = flat(single), state_bytes(single_opt)
+
+    for stage in (1, 2):
+        model = copy.deepcopy(base)
+        opt = ZeroOptimizer(param_groups(model, WD), stage=stage, **HP, weight_decay=WD)
+        out[f"zero{stage}_report"] = train(model, opt, mine)
+        out[f"zero{stage}"] = flat(model)
+
+    if with_torch:  # PyTorch's ZeRO-1: DDP averages the gradients, the optimizer shards whole tensors by size
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # here: its import warns about torch.jit
+
+        model = DistributedDataParallel(copy.deepcopy(base))
+        opt = ZeroRedundancyOptimizer(param_groups(model.module, WD), optimizer_class=torch.optim.AdamW,
+                                      **HP, weight_decay=WD, foreach=False)
+        train(model, opt, mine)
+        out["torch"], out["torch_state_bytes"] = flat(model.module), state_bytes(opt.optim)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return spawn(_zero_rank, 2, True)
+
+
+def test_zero_equals_single_process_and_torch_zero(two_ranks):
+    for r in two_ranks:
+        for stage in (1, 2):
+            torch.testing.assert_close(r[f"zero{stage}"], r["single"], **TOL)
+            torch.testing.assert_close(r[f"zero{stage}"], r["torch"], **TOL)
+        assert torch.equal(r["zero1"], two_ranks[0]["zero1"])  # all-gather left every rank the same weights
+
+
+def test_optimizer_state_and_gradient_are_sharded(two_ranks):
+    p = 2
+    for r in two_ranks:
+        single = r["single_state_bytes"]  # 8 bytes per parameter (+ a few step counters)
+        assert single >= 8 * r["numel"]
+        for stage in (1, 2):
+            report = r[f"zero{stage}_report"]
+            assert report["state_bytes"] * p == pytest.approx(single, rel=0.01)
+            assert report["param_bytes"] == pytest.approx(4 * r["numel"], rel=0.01)  # stage 1/2 keep all weights
+        assert r["zero1_report"]["gradient_bytes"] == pytest.approx(4 * r["numel"], rel=0.01)  # all-reduced: whole
+        assert r["zero2_report"]["gradient_bytes"] * p == pytest.approx(4 * r["numel"], rel=0.01)  # reduce-scattered
+    # torch shards whole tensors, so its ranks hold unequal shares; ours are equal to the byte (up to padding)
+    assert sum(r["torch_state_bytes"] for r in two_ranks) == pytest.approx(two_ranks[0]["single_state_bytes"], rel=0.01)
+
+
+def test_zero_three_ranks():
+    ranks = spawn(_zero_rank, 3, False)
+    for r in ranks:
+        for stage in (1, 2):
+            torch.testing.assert_close(r[f"zero{stage}"], r["single"], **TOL)
+            assert r[f"zero{stage}_report"]["state_bytes"] * 3 == pytest.approx(r["single_state_bytes"], rel=0.01)
+        assert r["zero2_report"]["gradient_bytes"] * 3 == pytest.approx(4 * r["numel"], rel=0.01)
+
+
+def test_bad_input_is_one_clear_line():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="stage must be 1 or 2"):
+        ZeroOptimizer(model.parameters(), stage=3)
+    with pytest.raises(RuntimeError, match="needs a process group"):
+        ZeroOptimizer(model.parameters(), stage=1)
