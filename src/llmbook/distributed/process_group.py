@@ -25,8 +25,10 @@ between choosing it and using it.
 
 from __future__ import annotations
 
+import linecache
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -211,7 +213,7 @@ def _echo_stdout(workdir: Path, world_size: int) -> None:
             print(f"[rank {rank}] {line}")
 
 
-def _failure(workdir: Path, procs: list[subprocess.Popen], world_size: int) -> RankError:
+def _failure(workdir: Path, procs: list[subprocess.Popen], world_size: int, fn: Any) -> RankError:
     """The error of the rank that failed first (the others usually fail *because* it did)."""
     reports = []
     for rank in range(world_size):
@@ -222,6 +224,7 @@ def _failure(workdir: Path, procs: list[subprocess.Popen], world_size: int) -> R
                 reports.append((report[4], rank, report))
     if reports:
         _, rank, (_, kind, message, tb, _) = min(reports)
+        tb = _restore_filenames(tb, fn)
         first = message.strip().splitlines()[0] if message.strip() else ""
         text = f"rank {rank} of {world_size} raised {kind}: {first}\n\n--- traceback of rank {rank} ---\n{tb}"
         return RankError(text, rank, kind, tb)
@@ -231,6 +234,36 @@ def _failure(workdir: Path, procs: list[subprocess.Popen], world_size: int) -> R
             text = f"rank {rank} of {world_size} exited with code {proc.returncode} without a Python error\n\n{err}"
             return RankError(text, rank, "exit", err)
     return RankError(f"a rank of {world_size} failed without a report", -1, "exit", "")
+
+
+def _code_objects(fn: Any) -> dict[str, Any]:
+    """Code objects of ``fn`` and of the functions it calls by global name, with their nested functions, by name."""
+    found: dict[str, list] = {}
+    todo = [getattr(fn, "__code__", None)]
+    scope = getattr(fn, "__globals__", {})
+    todo += [getattr(v, "__code__", None) for v in scope.values() if getattr(v, "__module__", None) == "__main__"]
+    while todo:
+        code = todo.pop()
+        if code is None or not hasattr(code, "co_consts"):
+            continue
+        found.setdefault(code.co_name, []).append(code)
+        todo += [c for c in code.co_consts if hasattr(c, "co_consts")]
+    return {name: codes[0] for name, codes in found.items() if len({c.co_filename for c in codes}) == 1}
+
+
+def _restore_filenames(tb: str, fn: Any) -> str:
+    """Put back the file names and source lines that by-value pickling hides (it ships code as ``<dynamic-code>``)."""
+    codes = _code_objects(fn)
+
+    def fix(match: re.Match) -> str:
+        line, name = int(match.group(1)), match.group(2)
+        code = codes.get(name)
+        if code is None:
+            return match.group(0)
+        source = linecache.getline(code.co_filename, line).strip()
+        return f'  File "{code.co_filename}", line {line}, in {name}' + (f"\n    {source}" if source else "")
+
+    return re.sub(r'  File "<dynamic-code>", line (\d+), in (\S+)', fix, tb)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -299,7 +332,7 @@ def spawn(
                 if any(c not in (None, 0) for c in codes):
                     _stop(procs)
                     _echo_stdout(workdir, world_size)
-                    raise _failure(workdir, procs, world_size)
+                    raise _failure(workdir, procs, world_size, fn)
                 if all(c == 0 for c in codes):
                     break
                 if time.monotonic() > deadline:
