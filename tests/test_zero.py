@@ -12,12 +12,13 @@ from torch.nn.parallel import DistributedDataParallel
 from llmbook.distributed.process_group import spawn
 from llmbook.distributed.zero import ZeroOptimizer
 from llmbook.model import GPT, ModelConfig
-from llmbook.optim import AdamW, param_groups
+from llmbook.optim import AdamW, clip_grad_norm, param_groups
 
 CFG = ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0)
 B, T, STEPS = 2, 16, 3  # per-rank batch, sequence length, optimizer steps
 HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
 WD = 0.1
+MAX_NORM = 0.5  # below the tiny model's first gradient norms, so clipping acts
 # Elementwise tolerance: 3% of one step of lr 1e-3. Adam divides by sqrt(v), so for a gradient near 0 the
 # last-bit differences of another summation order (a sum over ranks vs one batch) become a visible part of a step.
 TOL = dict(atol=3e-5, rtol=1e-5)
@@ -31,14 +32,19 @@ def global_batch(step: int, world_size: int) -> tuple[Tensor, Tensor]:
 
 
 def train(model: nn.Module, opt, batches: list[tuple[Tensor, Tensor]]) -> dict:
-    """``STEPS`` steps; returns the optimizer's memory report taken after the last step (before zero_grad)."""
-    report = {}
+    """``STEPS`` clipped steps; returns the gradient norms and the optimizer's memory report after the last step."""
+    report = {"norms": []}
     for x, y in batches:
         _, loss = model(x, y)
         loss.backward()
+        if isinstance(opt, ZeroOptimizer):
+            norm = opt.clip_grad_norm(MAX_NORM)  # the averaged gradient is only whole as shards
+        else:
+            norm = clip_grad_norm(list(model.parameters()), MAX_NORM)  # DDP: every rank has the averaged gradient
+        report["norms"].append(float(norm))
         opt.step()
         if isinstance(opt, ZeroOptimizer):  # after step: stage 2 holds only its gradient shard
-            report = opt.memory_report()
+            report.update(opt.memory_report())
         opt.zero_grad(set_to_none=True)
     return report
 
@@ -61,7 +67,7 @@ def _zero_rank(rank: int, world_size: int, with_torch: bool) -> dict:
 
     single = copy.deepcopy(base)
     single_opt = AdamW(param_groups(single, WD), **HP, weight_decay=WD)
-    train(single, single_opt, batches)
+    out["single_norms"] = train(single, single_opt, batches)["norms"]
     out["single"], out["single_state_bytes"] = flat(single), state_bytes(single_opt)
 
     for stage in (1, 2):
@@ -76,7 +82,7 @@ def _zero_rank(rank: int, world_size: int, with_torch: bool) -> dict:
         model = DistributedDataParallel(copy.deepcopy(base))
         opt = ZeroRedundancyOptimizer(param_groups(model.module, WD), optimizer_class=torch.optim.AdamW,
                                       **HP, weight_decay=WD, foreach=False)
-        train(model, opt, mine)
+        out["torch_norms"] = train(model, opt, mine)["norms"]
         out["torch"], out["torch_state_bytes"] = flat(model.module), state_bytes(opt.optim)
     return out
 
@@ -91,6 +97,9 @@ def test_zero_equals_single_process_and_torch_zero(two_ranks):
         for stage in (1, 2):
             torch.testing.assert_close(r[f"zero{stage}"], r["single"], **TOL)
             torch.testing.assert_close(r[f"zero{stage}"], r["torch"], **TOL)
+        for name in ("zero1_report", "zero2_report"):  # the sharded norm is the global one
+            assert r[name]["norms"] == pytest.approx(r["single_norms"], rel=1e-5)
+        assert max(r["single_norms"]) > MAX_NORM  # so clipping was tested
         assert torch.equal(r["zero1"], two_ranks[0]["zero1"])  # all-gather left every rank the same weights
 
 

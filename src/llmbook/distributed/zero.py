@@ -65,6 +65,7 @@ class ZeroOptimizer:
         if not dist.is_initialized():
             raise RuntimeError("ZeroOptimizer needs a process group: run it under torchrun or llmbook's spawn")
         self.stage, self.group = stage, group
+        self._reduced = False  # True once this step's gradients are averaged into the shards
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         params = list(params)
         groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": params}]
@@ -104,8 +105,14 @@ class ZeroOptimizer:
         return self.optimizer.param_groups
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Average the gradients (all-reduce or reduce-scatter), step this rank's shard, all-gather the weights."""
+    def reduce_gradients(self) -> None:
+        """Average the ranks' gradients into each shard's ``.grad``: all-reduce (stage 1) or reduce-scatter (stage 2).
+
+        ``step`` calls this itself; call it first only to clip (``clip_grad_norm``),
+        which must see the averaged gradient, not this rank's.
+        """
+        if self._reduced:
+            return
         for flat, shard, ps in zip(self.flat_params, self.shards, self.model_params, strict=True):
             grad = torch.zeros_like(flat)  # (padded,): this rank's local gradient, laid out like flat
             offset = 0
@@ -123,12 +130,39 @@ class ZeroOptimizer:
                 shard.grad = torch.empty_like(shard)  # (padded / p,): the only gradient this rank keeps
                 dist.reduce_scatter(shard.grad, list(grad.chunk(self.world_size)), group=self.group)
                 del grad  # the full local gradient goes; ZeRO-2 proper frees it bucket by bucket in backward
+        self._reduced = True
+
+    @torch.no_grad()
+    def clip_grad_norm(self, max_norm: float) -> Tensor:
+        """Scale the averaged gradient to global L2 norm <= ``max_norm``; returns the norm before.
+
+        No rank holds the whole (stage 2) or needs it: each sums the squares of
+        its shard, one all-reduce adds the p partial sums (the zero padding adds nothing).
+        """
+        if max_norm <= 0:
+            raise ValueError(f"max_norm must be positive, got {max_norm}; to not clip, do not call clip_grad_norm")
+        self.reduce_gradients()
+        squares = torch.stack([shard.grad.square().sum() for shard in self.shards]).sum()  # this rank's part
+        dist.all_reduce(squares, group=self.group)
+        total = squares.sqrt()
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for shard in self.shards:
+            shard.grad.mul_(scale)
+        return total
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Average the gradients (if not yet), step this rank's shard with AdamW, all-gather the weights."""
+        self.reduce_gradients()
         self.optimizer.step()
         for flat, shard in zip(self.flat_params, self.shards, strict=True):
             # every rank sends its updated slice and receives the others': flat is whole again on all ranks
             dist.all_gather(list(flat.chunk(self.world_size)), shard.clone(), group=self.group)
+        self._reduced = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop all gradients (``set_to_none`` is accepted for the optimizer interface; they always go)."""
+        self._reduced = False
         for shard, ps in zip(self.shards, self.model_params, strict=True):
             shard.grad = None
             for p in ps:
