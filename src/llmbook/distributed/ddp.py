@@ -19,6 +19,12 @@ Three ideas make this fast, and all three are here as in PyTorch's
   layer's gradients first.
 - **No sync while accumulating.** Inside ``no_sync()`` gradients only add up
   locally; the next backward outside it all-reduces the accumulated sum once.
+
+PyTorch's DDP adds what this version leaves out for clarity: it re-forms the
+buckets after the first step in the order gradients actually arrived, can
+make ``.grad`` a view into the bucket (``gradient_as_bucket_view``) instead of
+copying in and out, finds parameters a forward did not use, and sends a
+smaller first bucket (1 MB, then ``bucket_cap_mb=25``) so the network starts early.
 """
 
 from __future__ import annotations
@@ -75,12 +81,12 @@ class DataParallel(nn.Module):
 
         # buckets in reverse registration order: roughly the order backward produces the gradients
         params = [p for p in module.parameters() if p.requires_grad]  # a shared (tied) parameter once
-        cap = int(bucket_mb * 2**20)
+        cap = int(bucket_mb * 2**20)  # bytes
         self.buckets: list[Bucket] = []
         current: list[nn.Parameter] = []
         for p in reversed(params):
             current.append(p)
-            if sum(q.numel() * q.element_size() for q in current) >= cap:
+            if sum(q.nbytes for q in current) >= cap:  # full: close it (a big tensor makes a bucket alone)
                 self.buckets.append(Bucket(current, sum(q.numel() for q in current)))
                 current = []
         if current:

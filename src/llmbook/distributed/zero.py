@@ -47,7 +47,9 @@ class ZeroOptimizer:
     ``opt.step()``, ``opt.zero_grad()``. It rewires every parameter's
     ``.data`` to a view of a flat buffer, so the all-gather after the step
     writes the new weights straight into the model; every rank starts from
-    rank 0's weights.
+    rank 0's weights. So build it after the model is on its device and in
+    its dtype: a later ``model.to(...)`` or ``deepcopy`` would make new
+    tensors that are no longer views of the buffer the optimizer updates.
     """
 
     def __init__(
