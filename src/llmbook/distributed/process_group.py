@@ -29,6 +29,7 @@ import linecache
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -213,8 +214,13 @@ def _echo_stdout(workdir: Path, world_size: int) -> None:
             print(f"[rank {rank}] {line}")
 
 
-def _failure(workdir: Path, procs: list[subprocess.Popen], world_size: int, fn: Any) -> RankError:
-    """The error of the rank that failed first (the others usually fail *because* it did)."""
+def _failure(workdir: Path, procs: list[subprocess.Popen], world_size: int, fn: Any, killed: set[int]) -> RankError:
+    """The error of the rank that failed first; the others usually fail *because* it did.
+
+    A rank that died without a Python error (a signal: a C++ abort, the
+    out-of-memory killer) comes first: its peers then only report a lost
+    connection. Otherwise the earliest Python error wins.
+    """
     reports = []
     for rank in range(world_size):
         path = workdir / f"rank{rank}.pkl"
@@ -222,17 +228,21 @@ def _failure(workdir: Path, procs: list[subprocess.Popen], world_size: int, fn: 
             report = pickle.loads(path.read_bytes())
             if report[0] == "error":
                 reports.append((report[4], rank, report))
+    reported = {rank for _, rank, _ in reports}
+    for rank, proc in enumerate(procs):
+        if proc.returncode not in (0, None) and rank not in killed and rank not in reported:
+            err = _tail(workdir / f"rank{rank}.err")
+            code = proc.returncode
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            last = err.strip().splitlines()[-1] if err.strip() else "(nothing on stderr)"
+            text = f"rank {rank} of {world_size} {how} without a Python error; its stderr ends: {last}\n\n{err}"
+            return RankError(text, rank, "exit", err)
     if reports:
         _, rank, (_, kind, message, tb, _) = min(reports)
         tb = _restore_filenames(tb, fn)
         first = message.strip().splitlines()[0] if message.strip() else ""
         text = f"rank {rank} of {world_size} raised {kind}: {first}\n\n--- traceback of rank {rank} ---\n{tb}"
         return RankError(text, rank, kind, tb)
-    for rank, proc in enumerate(procs):  # no report: a rank died without Python noticing (signal, out of memory)
-        if proc.returncode not in (0, None) and proc.returncode != -9:
-            err = _tail(workdir / f"rank{rank}.err")
-            text = f"rank {rank} of {world_size} exited with code {proc.returncode} without a Python error\n\n{err}"
-            return RankError(text, rank, "exit", err)
     return RankError(f"a rank of {world_size} failed without a report", -1, "exit", "")
 
 
@@ -266,12 +276,16 @@ def _restore_filenames(tb: str, fn: Any) -> str:
     return re.sub(r'  File "<dynamic-code>", line (\d+), in (\S+)', fix, tb)
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
+def _stop(procs: list[subprocess.Popen]) -> set[int]:
+    """Kill the ranks still running and wait for all; return the ranks this call killed."""
+    killed = set()
+    for rank, proc in enumerate(procs):
         if proc.poll() is None:
             proc.kill()
+            killed.add(rank)
     for proc in procs:
         proc.wait()
+    return killed
 
 
 def spawn(
@@ -330,9 +344,9 @@ def spawn(
             while True:
                 codes = [proc.poll() for proc in procs]
                 if any(c not in (None, 0) for c in codes):
-                    _stop(procs)
+                    killed = _stop(procs)
                     _echo_stdout(workdir, world_size)
-                    raise _failure(workdir, procs, world_size, fn)
+                    raise _failure(workdir, procs, world_size, fn, killed)
                 if all(c == 0 for c in codes):
                     break
                 if time.monotonic() > deadline:
