@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -51,6 +52,19 @@ def test_spawn_reraises_a_rank_error_with_its_traceback():
     assert str(err).splitlines()[0] == "rank 1 of 2 raised ValueError: rank one cannot go on"
     assert 'raise ValueError("rank one cannot go on")' in err.rank_traceback  # the rank's own frames
     assert "in _fail_on_rank_1" in str(err)
+
+
+def _die_on_rank_1(rank: int, world_size: int) -> None:
+    if rank == 1:
+        os._exit(3)  # dies without a Python exception, like a C++ abort or the out-of-memory killer
+    dist.all_reduce(torch.ones(2))
+
+
+def test_spawn_names_a_rank_that_died_without_a_python_error():
+    with pytest.raises(RankError) as info:
+        spawn(_die_on_rank_1, 2, timeout_s=60)
+    assert info.value.rank == 1  # not rank 0, whose all_reduce only lost its peer
+    assert str(info.value).startswith("rank 1 of 2 exited with code 3 without a Python error")
 
 
 def _wait_forever(rank: int, world_size: int) -> None:

@@ -132,11 +132,13 @@ def collectives_demo(rank: int, world_size: int) -> dict[str, list[float]]:
 
 def time_all_reduce(sizes: Sequence[int], repeats: int = 10, warmup: int = 2,
                     dtype: torch.dtype = torch.float32) -> list[float]:
-    """Median seconds of ``dist.all_reduce`` of a tensor of each size in bytes, on the current group.
+    """Median seconds of one ``dist.all_reduce`` of a tensor of each size in bytes, on the current group.
 
-    Ranks line up with a barrier before every call, so a call's time is the
-    collective's and not a late neighbour's. Every rank returns the same list:
-    the slowest rank's medians (a collective is done when its last rank is).
+    Ranks line up with a barrier, then time a burst of back-to-back calls
+    (up to 16 for small messages, whose single call is too short to time and
+    too easily skewed by a rank that left the barrier late) and divide. Every
+    rank returns the same list: the slowest rank's medians (a collective is
+    done when its last rank is).
     """
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be at least 1")
@@ -144,13 +146,15 @@ def time_all_reduce(sizes: Sequence[int], repeats: int = 10, warmup: int = 2,
     medians = []
     for n_bytes in sizes:
         tensor = torch.ones(max(1, int(n_bytes) // itemsize), dtype=dtype)
+        calls = max(1, min(16, 2**20 // max(1, int(n_bytes))))  # about 1 MB of traffic per timing, at most 16 calls
         times = []
         for i in range(warmup + repeats):
             dist.barrier()
             start = time.perf_counter()
-            dist.all_reduce(tensor)
+            for _ in range(calls):
+                dist.all_reduce(tensor)
             if i >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append((time.perf_counter() - start) / calls)
         medians.append(statistics.median(times))
     slowest = torch.tensor(medians, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)

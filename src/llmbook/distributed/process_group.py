@@ -163,6 +163,7 @@ def _worker_main(workdir: str, backend: str) -> None:
     out = Path(workdir) / f"rank{rank}.pkl"
     try:
         torch.set_num_threads(1)  # p ranks share the cores; more threads only contend
+        torch.set_num_interop_threads(1)
         fn, args = pickle.loads((Path(workdir) / "payload.pkl").read_bytes())
         import torch.distributed as dist
 
@@ -171,7 +172,9 @@ def _worker_main(workdir: str, backend: str) -> None:
         data = cloudpickle.dumps(("ok", result))
         dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 -- every failure must reach the caller, SystemExit included
-        report = ("error", type(exc).__name__, str(exc), traceback.format_exc(), time.time())
+        frames = exc.__traceback__.tb_next or exc.__traceback__  # drop this wrapper's own frame
+        tb = "".join(traceback.format_exception(type(exc), exc, frames))
+        report = ("error", type(exc).__name__, str(exc), tb, time.time())
         _write(out, pickle.dumps(report))
         sys.stdout.flush()
         sys.stderr.flush()
