@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -75,9 +76,13 @@ def _wait_forever(rank: int, world_size: int) -> None:
 
 def test_spawn_stops_ranks_after_the_timeout():
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"did not finish within 3 s"):
+    with pytest.raises(TimeoutError, match=r"did not finish within 3 s") as info:
         spawn(_wait_forever, 2, timeout_s=3)
     assert time.monotonic() - start < 15
+    if hasattr(signal, "SIGUSR1"):  # the message shows where each rank was stuck
+        text = str(info.value)
+        assert "where rank 0 was waiting" in text and "in all_reduce" in text
+        assert "dist.all_reduce(torch.ones(2))  # rank 1 never joins" in text
 
 
 SCRIPT = '''

@@ -25,6 +25,7 @@ between choosing it and using it.
 
 from __future__ import annotations
 
+import faulthandler
 import linecache
 import os
 import pickle
@@ -164,6 +165,8 @@ def _worker_main(workdir: str, backend: str) -> None:
     try:
         torch.set_num_threads(1)  # p ranks share the cores; more threads only contend
         torch.set_num_interop_threads(1)
+        if hasattr(signal, "SIGUSR1"):  # on a timeout spawn asks for the Python stack: where was this rank stuck?
+            faulthandler.register(signal.SIGUSR1, all_threads=False)
         fn, args = pickle.loads((Path(workdir) / "payload.pkl").read_bytes())
         import torch.distributed as dist
 
@@ -209,12 +212,15 @@ def _tail(path: Path, n: int = 4000) -> str:
     return text[-n:]
 
 
-def _echo_stdout(workdir: Path, world_size: int) -> None:
-    """Print what each rank printed, each line prefixed with its rank, in rank order (deterministic in a notebook)."""
-    for rank in range(world_size):
-        text = _tail(workdir / f"rank{rank}.out", 100_000)
-        for line in text.splitlines():
-            print(f"[rank {rank}] {line}")
+def _echo_output(workdir: Path, world_size: int) -> None:
+    """Show what each rank printed, each line prefixed with its rank, in rank order (deterministic in a notebook).
+
+    Standard output goes to ``sys.stdout``, then standard error (warnings) to ``sys.stderr``.
+    """
+    for suffix, stream in (("out", sys.stdout), ("err", sys.stderr)):
+        for rank in range(world_size):
+            for line in _tail(workdir / f"rank{rank}.{suffix}", 100_000).splitlines():
+                print(f"[rank {rank}] {line}", file=stream)
 
 
 def _failure(workdir: Path, procs: list[subprocess.Popen], world_size: int, fn: Any, killed: set[int]) -> RankError:
@@ -276,7 +282,36 @@ def _restore_filenames(tb: str, fn: Any) -> str:
         source = linecache.getline(code.co_filename, line).strip()
         return f'  File "{code.co_filename}", line {line}, in {name}' + (f"\n    {source}" if source else "")
 
-    return re.sub(r'  File "<dynamic-code>", line (\d+), in (\S+)', fix, tb)
+    return re.sub(r'  File "<dynamic-code>", line (\d+),? in (\S+)', fix, tb)  # traceback or faulthandler
+
+
+def _with_source(stack: str) -> str:
+    """Write faulthandler's frames like a traceback's, with their source lines (faulthandler prints none)."""
+
+    def fix(match: re.Match) -> str:
+        path, line, name = match.group(1), int(match.group(2)), match.group(3)
+        source = linecache.getline(path, line).strip()
+        return f'  File "{path}", line {line}, in {name}' + (f"\n    {source}" if source else "")
+
+    return re.sub(r'  File "([^"]+)", line (\d+) in (\S+)', fix, stack)
+
+
+def _stacks(workdir: Path, procs: list[subprocess.Popen], fn: Any) -> str:
+    """Ask the ranks still running for their Python stacks (faulthandler, POSIX only), stop all, return the stacks."""
+    alive = [rank for rank, proc in enumerate(procs) if proc.poll() is None]
+    if hasattr(signal, "SIGUSR1") and alive:
+        for rank in alive:
+            procs[rank].send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+    _stop(procs)
+    text = ""
+    for rank in alive:
+        err = _tail(workdir / f"rank{rank}.err")
+        if "most recent call first" in err:
+            stack = err[err.rfind("\n", 0, err.rindex("most recent call first")) + 1:]  # the last dump
+            stack = _with_source(_restore_filenames(stack.strip(), fn))
+            text += f"\n\n--- where rank {rank} was waiting (most recent call first) ---\n{stack}"
+    return text
 
 
 def _stop(procs: list[subprocess.Popen]) -> set[int]:
@@ -303,8 +338,8 @@ def spawn(
     Each rank is a fresh Python process with its process group initialised
     (``backend``, loopback) before ``fn`` runs and destroyed after, and one
     torch thread. ``fn`` may be defined in a notebook cell. Results come back
-    pickled (tensors moved to the CPU); what a rank prints is shown here after
-    all ranks finish, each line prefixed with ``[rank r]``. If a rank raises,
+    pickled (tensors moved to the CPU); what a rank prints (and warns) is shown
+    here after all ranks finish, each line prefixed with ``[rank r]``. If a rank raises,
     the others are stopped and :class:`RankError` names the rank and its
     error and carries its traceback; after ``timeout_s`` seconds all ranks are
     stopped and ``TimeoutError`` is raised, so a mismatched collective never
@@ -348,24 +383,22 @@ def spawn(
                 codes = [proc.poll() for proc in procs]
                 if any(c not in (None, 0) for c in codes):
                     killed = _stop(procs)
-                    _echo_stdout(workdir, world_size)
+                    _echo_output(workdir, world_size)
                     raise _failure(workdir, procs, world_size, fn, killed)
                 if all(c == 0 for c in codes):
                     break
                 if time.monotonic() > deadline:
-                    _stop(procs)
-                    _echo_stdout(workdir, world_size)
                     waiting = [r for r, c in enumerate(codes) if c is None]
                     raise TimeoutError(
                         f"spawn: ranks {waiting} of {world_size} did not finish within {timeout_s:g} s and were "
                         "stopped; a rank may wait in a collective another rank never called "
-                        "(pass timeout_s=... if the work is only slow)"
+                        "(pass timeout_s=... if the work is only slow)" + _stacks(workdir, procs, fn)
                     )
                 time.sleep(0.01)
         finally:
             _stop(procs)
             del store
-        _echo_stdout(workdir, world_size)
+        _echo_output(workdir, world_size)
         results = []
         for rank in range(world_size):
             path = workdir / f"rank{rank}.pkl"
