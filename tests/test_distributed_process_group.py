@@ -22,6 +22,7 @@ def _report(rank: int, world_size: int, scale: float) -> dict:
     t = torch.full((3,), float(rank + 1)) * scale
     dist.all_reduce(t)
     print(f"hello from {rank}")
+    print(f"note from {rank}", file=sys.stderr)
     return {"rank": rank, "world_size": world_size, "backend": dist.get_backend(), "threads": torch.get_num_threads(),
             "dist_rank": dist.get_rank(), "sum": t}
 
@@ -33,7 +34,9 @@ def test_spawn_returns_results_in_rank_order_and_prints_each_rank(capsys):
     assert all(r["backend"] == "gloo" and r["threads"] == 1 for r in results)
     for r in results:  # (1 + 2) * 2.0 on every rank
         assert torch.equal(r["sum"], torch.full((3,), 6.0))
-    assert capsys.readouterr().out.splitlines() == ["[rank 0] hello from 0", "[rank 1] hello from 1"]
+    shown = capsys.readouterr()
+    assert shown.out.splitlines() == ["[rank 0] hello from 0", "[rank 1] hello from 1"]
+    assert shown.err.splitlines() == ["[rank 0] note from 0", "[rank 1] note from 1"]
     assert not dist.is_initialized()  # the caller never joins the group
 
 

@@ -212,12 +212,14 @@ def _tail(path: Path, n: int = 4000) -> str:
     return text[-n:]
 
 
-def _echo_output(workdir: Path, world_size: int) -> None:
+def _echo_output(workdir: Path, world_size: int, stderr: bool = True) -> None:
     """Show what each rank printed, each line prefixed with its rank, in rank order (deterministic in a notebook).
 
-    Standard output goes to ``sys.stdout``, then standard error (warnings) to ``sys.stderr``.
+    Standard output goes to ``sys.stdout``, then standard error (warnings) to
+    ``sys.stderr`` unless ``stderr=False`` (on a failure the exception carries it).
     """
-    for suffix, stream in (("out", sys.stdout), ("err", sys.stderr)):
+    streams = (("out", sys.stdout), ("err", sys.stderr)) if stderr else (("out", sys.stdout),)
+    for suffix, stream in streams:
         for rank in range(world_size):
             for line in _tail(workdir / f"rank{rank}.{suffix}", 100_000).splitlines():
                 print(f"[rank {rank}] {line}", file=stream)
@@ -338,9 +340,9 @@ def spawn(
     Each rank is a fresh Python process with its process group initialised
     (``backend``, loopback) before ``fn`` runs and destroyed after, and one
     torch thread. ``fn`` may be defined in a notebook cell. Results come back
-    pickled (tensors moved to the CPU); what a rank prints (and warns) is shown
-    here after all ranks finish, each line prefixed with ``[rank r]``. If a rank raises,
-    the others are stopped and :class:`RankError` names the rank and its
+    pickled (tensors moved to the CPU); what a rank prints (and warns) is
+    shown here after all ranks finish, each line prefixed with ``[rank r]``.
+    If a rank raises, the others are stopped and :class:`RankError` names the rank and its
     error and carries its traceback; after ``timeout_s`` seconds all ranks are
     stopped and ``TimeoutError`` is raised, so a mismatched collective never
     hangs the caller.
@@ -383,16 +385,18 @@ def spawn(
                 codes = [proc.poll() for proc in procs]
                 if any(c not in (None, 0) for c in codes):
                     killed = _stop(procs)
-                    _echo_output(workdir, world_size)
+                    _echo_output(workdir, world_size, stderr=False)
                     raise _failure(workdir, procs, world_size, fn, killed)
                 if all(c == 0 for c in codes):
                     break
                 if time.monotonic() > deadline:
                     waiting = [r for r, c in enumerate(codes) if c is None]
+                    stacks = _stacks(workdir, procs, fn)
+                    _echo_output(workdir, world_size, stderr=False)
                     raise TimeoutError(
                         f"spawn: ranks {waiting} of {world_size} did not finish within {timeout_s:g} s and were "
                         "stopped; a rank may wait in a collective another rank never called "
-                        "(pass timeout_s=... if the work is only slow)" + _stacks(workdir, procs, fn)
+                        "(pass timeout_s=... if the work is only slow)" + stacks
                     )
                 time.sleep(0.01)
         finally:
