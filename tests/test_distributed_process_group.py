@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from llmbook.distributed.process_group import RankError, init_from_env, spawn
 from llmbook.errors import RunError
+from llmbook.seeding import DEFAULT_SEED
 
 
 def _report(rank: int, world_size: int, scale: float) -> dict:
@@ -24,7 +25,7 @@ def _report(rank: int, world_size: int, scale: float) -> dict:
     print(f"hello from {rank}")
     print(f"note from {rank}", file=sys.stderr)
     return {"rank": rank, "world_size": world_size, "backend": dist.get_backend(), "threads": torch.get_num_threads(),
-            "dist_rank": dist.get_rank(), "sum": t}
+            "dist_rank": dist.get_rank(), "sum": t, "random": torch.rand(2)}
 
 
 def test_spawn_returns_results_in_rank_order_and_prints_each_rank(capsys):
@@ -34,6 +35,8 @@ def test_spawn_returns_results_in_rank_order_and_prints_each_rank(capsys):
     assert all(r["backend"] == "gloo" and r["threads"] == 1 for r in results)
     for r in results:  # (1 + 2) * 2.0 on every rank
         assert torch.equal(r["sum"], torch.full((3,), 6.0))
+    expected = torch.rand(2, generator=torch.Generator().manual_seed(DEFAULT_SEED))
+    assert all(torch.equal(r["random"], expected) for r in results)  # every rank seeded alike, every run
     shown = capsys.readouterr()
     assert shown.out.splitlines() == ["[rank 0] hello from 0", "[rank 1] hello from 1"]
     assert shown.err.splitlines() == ["[rank 0] note from 0", "[rank 1] note from 1"]

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from llmbook.errors import RunError
+from llmbook.seeding import DEFAULT_SEED, seed_everything
 
 BACKENDS = ("gloo", "nccl")
 ENV_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -130,7 +131,10 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
                 "start at most one process per GPU on each node"
             )
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+        device = torch.device("cuda", local_rank)  # binds the communicator to this GPU up front
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, device_id=device)
+    else:
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
     return rank, world_size
 
 
@@ -167,6 +171,7 @@ def _worker_main(workdir: str, backend: str) -> None:
         torch.set_num_interop_threads(1)
         if hasattr(signal, "SIGUSR1"):  # on a timeout spawn asks for the Python stack: where was this rank stuck?
             faulthandler.register(signal.SIGUSR1, all_threads=False)
+        seed_everything(DEFAULT_SEED, deterministic=False)  # a fresh process is seeded at random otherwise
         fn, args = pickle.loads((Path(workdir) / "payload.pkl").read_bytes())
         import torch.distributed as dist
 
@@ -345,7 +350,12 @@ def spawn(
     If a rank raises, the others are stopped and :class:`RankError` names the rank and its
     error and carries its traceback; after ``timeout_s`` seconds all ranks are
     stopped and ``TimeoutError`` is raised, so a mismatched collective never
-    hangs the caller.
+    hangs the caller, and the message shows where each rank was waiting.
+
+    Every rank starts seeded with ``seed_everything()`` (Python, NumPy,
+    PyTorch; the book's default seed), the same on all ranks and in every run,
+    so models built in ``fn`` start equal on all ranks, as DDP needs; seed
+    with the rank inside ``fn`` where ranks must differ (their data, dropout).
     """
     import cloudpickle
 
