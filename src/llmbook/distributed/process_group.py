@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import faulthandler
 import linecache
+import operator
 import os
 import pickle
 import re
@@ -191,8 +192,13 @@ def _worker_main(workdir: str, backend: str) -> None:
 
 
 def _check_world_size(world_size: Any) -> int:
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+    try:
+        count = operator.index(world_size)  # ints and NumPy integers; not 2.0 or "2"
+    except TypeError:
+        count = 0
+    if isinstance(world_size, bool) or count < 1:
         raise ValueError(f"world_size={world_size!r} must be a positive integer (the number of ranks to start)")
+    world_size = count
     cores = os.cpu_count() or 1
     limit = max(64, 4 * cores)
     if world_size > limit:
