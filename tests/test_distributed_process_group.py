@@ -114,11 +114,17 @@ print(spawn(cell_function, 2, 3))
 '''
 
 
-def test_spawn_runs_a_function_defined_in_main_like_a_notebook(tmp_path):
-    """A function whose ``__module__`` is ``__main__`` (a script without a main guard, as in a notebook cell)."""
+@pytest.mark.parametrize("fresh", ["0", "1"], ids=["fork_server", "fresh_interpreters"])
+def test_spawn_runs_a_function_defined_in_main_like_a_notebook(tmp_path, fresh):
+    """A function whose ``__module__`` is ``__main__`` (a script without a main guard, as in a notebook cell).
+
+    Run both ways ranks can start: forked by the warm server (Linux) and as fresh interpreters (elsewhere).
+    """
     script = tmp_path / "notebook_like.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    env = dict(os.environ, LLMBOOK_SPAWN_FRESH=fresh)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=env)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "[(0, 9, 201.0), (1, 9, 201.0)]"
 

@@ -10,14 +10,18 @@ Every distributed program starts the same way: each process learns its ``rank``
 each the same environment torchrun would, runs ``fn(rank, world_size, *args)``
 in each and returns the ranks' results in rank order.
 
-Why fresh processes (``subprocess`` + ``cloudpickle``) rather than ``fork``:
-a forked child inherits the parent's threads' locks (a Jupyter kernel runs
-several threads, PyTorch an OpenMP pool) and cannot use CUDA once the parent
-has, so it can deadlock or fail on a GPU machine. Fresh interpreters cannot
-import a function a reader defined in a notebook cell (its ``__module__`` is
-``__main__``, which has no file), so the function and its arguments travel
-*by value* with ``cloudpickle``; functions from importable modules travel by
-reference as usual. The processes meet at a key-value store that this
+Why the ranks are not forks of the caller: a forked child inherits the
+parent's threads' locks (a Jupyter kernel runs several threads, PyTorch an
+OpenMP pool) and cannot use CUDA once the parent has, so it can deadlock or
+fail on a GPU machine. The ranks are forked instead from a small *fork
+server*, a process started once that imported torch and then does nothing
+else: single-threaded, no CUDA, so its forks are clean, and a rank starts in
+milliseconds instead of the seconds an interpreter needs to import torch
+(where ``fork`` does not exist, each rank is a fresh interpreter). Neither
+can import a function a reader defined in a notebook cell (its
+``__module__`` is ``__main__``, which has no file), so the function and its
+arguments travel *by value* with ``cloudpickle``; functions from importable
+modules travel by reference as usual. The processes meet at a key-value store that this
 process hosts on a free port chosen by the operating system, as torchrun's
 agent does (``TORCHELASTIC_USE_AGENT_STORE``), so no port can be taken
 between choosing it and using it.
@@ -25,6 +29,7 @@ between choosing it and using it.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import linecache
 import operator
@@ -35,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -339,6 +345,161 @@ def _stop(procs: list[subprocess.Popen]) -> set[int]:
     return killed
 
 
+# A warm fork server (Linux): starting a fresh interpreter and importing torch costs
+# seconds per rank; forking a process that already imported torch costs milliseconds.
+# The server is single-threaded and has never run a parallel torch op nor touched
+# CUDA, so a fork of it is as clean as a fresh process; it runs until the process
+# that started it exits (its stdin closes). Elsewhere, or with LLMBOOK_SPAWN_FRESH=1,
+# every rank is a fresh interpreter.
+_SERVER: subprocess.Popen | None = None
+_SERVER_READY = b"ready\n"
+_SERVER_LOCK = threading.Lock()
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    """``n`` bytes from ``fd``, fewer only at end of file."""
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _serve() -> None:
+    """The fork server's loop: for each request, fork a rank; reap ranks and write their exit codes."""
+    import select
+    import struct
+
+    import cloudpickle  # noqa: F401 -- preloaded for the ranks
+    import torch.distributed  # noqa: F401
+
+    if len(os.listdir("/proc/self/task")) != 1:  # a thread would make fork unsafe: refuse, spawn falls back
+        return
+    replies = sys.stdout.buffer
+    replies.write(_SERVER_READY)
+    replies.flush()
+    running: dict[int, Path] = {}
+    while True:
+        ready, _, _ = select.select([0], [], [], 0.005)  # fd 0 read unbuffered, so select sees every byte
+        while running:  # reap finished ranks; their exit codes go where spawn looks for them
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            path = running.pop(pid, None)
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    _write(path, str(os.waitstatus_to_exitcode(status)).encode())
+        if not ready:
+            continue
+        header = _read_exactly(0, 4)
+        if len(header) < 4:
+            return  # the process that started us is gone
+        request = pickle.loads(_read_exactly(0, struct.unpack(">I", header)[0]))
+        pid = os.fork()
+        if pid == 0:
+            _forked_rank(request)
+        running[pid] = Path(request["workdir"]) / f"rank{request['rank']}.exit"
+        replies.write(struct.pack(">q", pid))
+        replies.flush()
+
+
+def _forked_rank(request: dict) -> None:
+    """In the forked child: become the rank the request describes, run it, never return into the server loop."""
+    code = 1
+    try:
+        workdir, rank = Path(request["workdir"]), request["rank"]
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
+                                (1, workdir / f"rank{rank}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                (2, workdir / f"rank{rank}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+            new = os.open(path, flags, 0o600)
+            os.dup2(new, fd)
+            os.close(new)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.path[:] = request["path"]
+        _worker_main(str(workdir), request["backend"])
+        code = 0
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _server() -> subprocess.Popen | None:
+    """This process's fork server, started on first use; None where ranks must be fresh interpreters."""
+    global _SERVER
+    if sys.platform != "linux" or os.environ.get("LLMBOOK_SPAWN_FRESH") == "1":
+        return None
+    if _SERVER is not None and _SERVER.poll() is None:
+        return _SERVER
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(os.getcwd() if p == "" else p for p in sys.path))
+    code = "from llmbook.distributed.process_group import _serve; _serve()"
+    server = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    if server.stdout.readline() != _SERVER_READY:  # refused (threads) or failed to start: use fresh processes
+        server.kill()
+        server.wait()
+        os.environ["LLMBOOK_SPAWN_FRESH"] = "1"
+        return None
+    _SERVER = server
+    return server
+
+
+class _ForkedRank:
+    """A rank forked by the server, with the part of ``subprocess.Popen``'s interface that spawn uses."""
+
+    def __init__(self, pid: int, exit_path: Path):
+        self.pid, self.exit_path, self.returncode = pid, exit_path, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self.exit_path.exists():
+            self.returncode = int(self.exit_path.read_text())
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self) -> int:
+        deadline = time.monotonic() + 10  # the server reaps within milliseconds; never wait forever on it
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if self.returncode is None:
+            self.returncode = -signal.SIGKILL
+        return self.returncode
+
+
+def _launch(workdir: Path, rank: int, code: str, backend: str, env: dict[str, str]) -> Any:
+    """Start one rank: forked by the warm server where there is one, else a fresh interpreter."""
+    import struct
+
+    with _SERVER_LOCK:  # one request and its reply at a time, even from several threads
+        server = _server()
+        if server is not None:
+            request = {"workdir": str(workdir), "rank": rank, "backend": backend, "env": env, "cwd": os.getcwd(),
+                       "path": [os.getcwd() if p == "" else p for p in sys.path]}
+            data = pickle.dumps(request)
+            try:
+                server.stdin.write(struct.pack(">I", len(data)) + data)
+                server.stdin.flush()
+                reply = server.stdout.read(8)
+            except OSError:
+                reply = b""
+            if len(reply) == 8:
+                return _ForkedRank(struct.unpack(">q", reply)[0], workdir / f"rank{rank}.exit")
+            server.kill()  # the server died: this rank and later ones start fresh (a new server next spawn)
+    with open(workdir / f"rank{rank}.out", "wb") as out, open(workdir / f"rank{rank}.err", "wb") as err:
+        return subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+
+
 def spawn(
     fn: Callable[..., Any],
     world_size: int,
@@ -384,18 +545,14 @@ def spawn(
 
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s),
                           wait_for_workers=False)
-    procs: list[subprocess.Popen] = []
+    procs: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="llmbook_spawn_") as tmp:
         workdir = Path(tmp)
         (workdir / "payload.pkl").write_bytes(payload)
         code = f"from llmbook.distributed.process_group import _worker_main; _worker_main({tmp!r}, {backend!r})"
         try:
             for rank in range(world_size):
-                with open(workdir / f"rank{rank}.out", "wb") as out, open(workdir / f"rank{rank}.err", "wb") as err:
-                    procs.append(subprocess.Popen(
-                        [sys.executable, "-c", code], env=_child_env(rank, world_size, store.port),
-                        stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                    ))
+                procs.append(_launch(workdir, rank, code, backend, _child_env(rank, world_size, store.port)))
             deadline = time.monotonic() + timeout_s
             while True:
                 codes = [proc.poll() for proc in procs]
