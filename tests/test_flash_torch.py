@@ -138,7 +138,7 @@ def test_tile_counts_and_grid():
 @pytest.mark.parametrize(
     "shapes, match",
     [
-        (((2, 8, 4), (2, 8, 4), (2, 8, 4)), "must be \\(B, H, T_q, D\\)"),
+        (((2, 8, 4), (2, 8, 4), (2, 8, 4)), "q of shape \\(B, H, T_q, D\\)"),
         (((1, 2, 8, 4), (1, 2, 8, 5), (1, 2, 8, 5)), "same batch and head_dim"),
         (((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 7, 4)), "same batch and head_dim"),
         (((1, 6, 8, 4), (1, 4, 8, 4), (1, 4, 8, 4)), "multiple of"),

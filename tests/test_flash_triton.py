@@ -129,8 +129,8 @@ def test_causal_kernels_skip_fully_masked_tiles():
     "shapes,dtype,match",
     [
         (((1, 4, 16), (1, 1, 4, 16), (1, 1, 4, 16)), torch.float32, "shape"),
-        (((1, 3, 4, 16), (1, 2, 4, 16), (1, 2, 4, 16)), torch.float32, "multiple of kv heads"),
-        (((1, 2, 4, 16), (1, 2, 4, 16), (1, 2, 5, 16)), torch.float32, "k and v"),
+        (((1, 3, 4, 16), (1, 2, 4, 16), (1, 2, 4, 16)), torch.float32, "multiple of k/v"),
+        (((1, 2, 4, 16), (1, 2, 4, 16), (1, 2, 5, 16)), torch.float32, "same batch and head_dim"),
         (((1, 1, 4, 256), (1, 1, 4, 256), (1, 1, 4, 256)), torch.float32, "head_dim"),
         (((1, 1, 4, 16), (1, 1, 4, 16), (1, 1, 4, 16)), torch.float64, "float32"),
         (((1, 1, 0, 16), (1, 1, 4, 16), (1, 1, 4, 16)), torch.float32, "non-empty"),
@@ -146,7 +146,7 @@ def test_mixed_devices_and_dtypes_are_refused():
     q = torch.zeros(1, 1, 4, 16, device=DEVICE)
     with pytest.raises(ValueError, match="one device"):
         ft.flash_forward_triton(q, q.to("meta"), q)
-    with pytest.raises(ValueError, match="one dtype"):
+    with pytest.raises(ValueError, match="one floating dtype"):
         ft.flash_forward_triton(q, q.double(), q)
 
 

@@ -36,17 +36,26 @@ from llmbook.kernels.online_softmax import NEG_INF, _finite
 from llmbook.kernels.tiling import DIAGONAL, SKIP, tile_kind
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int) -> None:
-    """One clear ValueError unless q (B, H, T_q, D) and k, v (B, H_kv, T_k, D) fit together."""
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """One clear ValueError unless q (B, H, T_q, D) and k, v (B, H_kv, T_k, D) fit together (both kernels use it)."""
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        raise ValueError(f"q, k, v must be tensors; got {', '.join(type(t).__name__ for t in (q, k, v))}")
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if not (q.dim() == k.dim() == v.dim() == 4):
-        raise ValueError(f"q must be (B, H, T_q, D) and k, v (B, H_kv, T_k, D); got {shapes}")
+        raise ValueError(f"flash attention needs q of shape (B, H, T_q, D) and k, v of shape (B, H_kv, T_k, D); "
+                         f"got {shapes}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     if not (q.is_floating_point() and q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one floating dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q, k, v must have the same batch and head_dim, and k, v the same shape; got {shapes}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"q's {q.shape[1]} heads must be a multiple of k/v's {k.shape[1]}; got {shapes}")
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int) -> None:
+    check_qkv(q, k, v)
     if min(block_q, block_k) <= 0:
         raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
 

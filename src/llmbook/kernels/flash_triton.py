@@ -49,6 +49,8 @@ import os
 import torch
 from torch import Tensor
 
+from llmbook.kernels.flash_torch import check_qkv
+
 # Without CUDA the kernels can only run interpreted; TRITON_INTERPRET=0 opts out (to compile for a GPU ahead of time)
 _NEEDS_INTERPRETER = not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "0"
 if _NEEDS_INTERPRETER:
@@ -389,19 +391,7 @@ PREPROCESS_BLOCK = 16 if INTERPRET else 128
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     """Raise one ValueError that says what is wrong and what to pass instead."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            got = f"a {t.dim()}-d tensor" if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"flash attention needs {name} of shape (batch, heads, time, head_dim); got {got}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"k and v must be (B, H_kv, T_k, D) with q's B and D; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    check_qkv(q, k, v)  # the shapes, devices and dtypes that any FlashAttention needs
     if q.numel() == 0 or k.numel() == 0:
         raise ValueError(f"flash attention needs non-empty inputs; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if q.shape[3] > MAX_HEAD_DIM:

@@ -39,7 +39,8 @@ def peak_memory(
     ``device="cuda"`` reads CUDA's allocator statistics; the CPU is measured
     with the profiler, which slows fn down (every op is recorded). Memory fn
     frees before returning still counts toward the peak; tensors that were
-    allocated before the call do not.
+    allocated before the call do not, and freeing one of them inside fn lowers
+    the count (clear old gradients before measuring a backward pass).
     """
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
