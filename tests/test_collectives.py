@@ -14,7 +14,7 @@ from llmbook.distributed.collectives import (
     ring_all_reduce_time,
     time_all_reduce,
 )
-from llmbook.distributed.process_group import spawn
+from llmbook.distributed.launcher import spawn
 
 # (shape, dtype): sizes divisible by 2 and 3, sizes that are not, and fewer elements than ranks
 CASES = [((12,), torch.float32), ((1001,), torch.float32), ((7, 5), torch.float64), ((1,), torch.float32),

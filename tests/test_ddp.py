@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from llmbook.distributed.ddp import DataParallel
-from llmbook.distributed.process_group import spawn
+from llmbook.distributed.launcher import spawn
 from llmbook.model import GPT, ModelConfig
 from llmbook.optim import AdamW
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from llmbook.distributed.process_group import RankError, init_from_env, spawn
+from llmbook.distributed.launcher import RankError, spawn
+from llmbook.distributed.process_group import init_from_env
 from llmbook.errors import RunError
 from llmbook.seeding import DEFAULT_SEED
 
@@ -94,7 +95,7 @@ def test_spawn_stops_ranks_after_the_timeout():
 SCRIPT = '''
 import torch
 import torch.distributed as dist
-from llmbook.distributed.process_group import spawn
+from llmbook.distributed.launcher import spawn
 
 OFFSET = 100  # a notebook global the function reads
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from llmbook.distributed.process_group import spawn
+from llmbook.distributed.launcher import spawn
 from llmbook.distributed.zero import ZeroOptimizer
 from llmbook.model import GPT, ModelConfig
 from llmbook.optim import AdamW, clip_grad_norm, param_groups

@@ -16,7 +16,7 @@ latency ``alpha`` per call and a time ``beta`` per byte (1/bandwidth).
 :func:`fit_alpha_beta` fits the two numbers.
 
 Every function that communicates runs inside a process group (see
-``llmbook.distributed.process_group.spawn``); the formulas need none.
+``llmbook.distributed.launcher.spawn``); the formulas need none.
 """
 
 from __future__ import annotations
