@@ -127,9 +127,51 @@ def test_zero_three_ranks():
         assert r["zero2_report"]["gradient_bytes"] * 3 == pytest.approx(4 * r["numel"], rel=0.01)
 
 
+def _bucketed_rank(rank: int, world_size: int) -> dict:
+    """Small buckets (10 KB), reduced during backward, with 2 micro-batches accumulated per step."""
+    torch.manual_seed(0)
+    base = GPT(CFG)
+    batches = [global_batch(s, world_size) for s in range(STEPS)]
+    out = {"numel": sum(p.numel() for p in base.parameters())}
+    single = copy.deepcopy(base)
+    train(single, AdamW(param_groups(single, WD), **HP, weight_decay=WD), batches)
+    out["single"] = flat(single)
+    for stage in (1, 2):
+        model = copy.deepcopy(base)
+        opt = ZeroOptimizer(param_groups(model, WD), stage=stage, **HP, weight_decay=WD, bucket_mb=0.01,
+                            module=model)
+        out[f"buckets{stage}"] = len(opt.buckets)
+        for x, y in batches:
+            for micro in range(2):  # rank r's rows of the global batch, in two halves of B/2
+                rows = slice(rank * B + micro * B // 2, rank * B + (micro + 1) * B // 2)
+                _, loss = model(x[rows], y[rows])
+                (loss / 2).backward()
+                assert all(p.grad is None for p in model.parameters()) or stage == 1
+            opt.clip_grad_norm(MAX_NORM)
+            opt.step()
+            opt.zero_grad()
+        out[f"zero{stage}"] = flat(model)
+        out[f"report{stage}"] = opt.memory_report()
+        out[f"early{stage}"] = opt.launched_in_backward
+    return out
+
+
+def test_buckets_are_reduced_during_backward_and_accumulate():
+    for r in spawn(_bucketed_rank, 2):
+        for stage in (1, 2):
+            assert r[f"buckets{stage}"] > 3
+            torch.testing.assert_close(r[f"zero{stage}"], r["single"], **TOL)  # 2 ranks x 2 micro = 1 x 4B
+            # overlap: most buckets were sent while autograd still computed earlier layers' gradients
+            assert len(r[f"early{stage}"]) == 2 * STEPS and min(r[f"early{stage}"]) >= r[f"buckets{stage}"] // 2
+        # stage 2 never held the whole model's local gradient at once: full gradients go bucket by bucket
+        assert r["report2"]["peak_full_gradient_bytes"] < 0.6 * 4 * r["numel"]
+
+
 def test_bad_input_is_one_clear_line():
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="stage must be 1 or 2"):
         ZeroOptimizer(model.parameters(), stage=3)
+    with pytest.raises(ValueError, match="bucket_mb must be a positive"):
+        ZeroOptimizer(model.parameters(), stage=2, bucket_mb=0)
     with pytest.raises(RuntimeError, match="needs a process group"):
         ZeroOptimizer(model.parameters(), stage=1)
