@@ -72,6 +72,8 @@ from llmbook.schedule import CosineSchedule, set_lr
 from llmbook.seeding import seed_everything
 from llmbook.train_config import PRECISIONS, TRAIN_PRESETS, TrainConfig  # noqa: F401 (re-exported)
 
+DCP_CHECKPOINT = "checkpoint.dcp"  # the folder a sharded run (Chapter 8) saves with torch.distributed.checkpoint
+
 # ---------------------------------------------------------------------- evaluation
 
 
@@ -275,9 +277,13 @@ class Trainer:
         """
         bad = self._nonfinite
         if weights:
-            bad = bad | ~torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+            bad = bad | ~self._weights_finite()
         if bool(bad):
             raise self._diverged("a loss, gradient norm or weight is NaN or infinite")
+
+    def _weights_finite(self) -> Tensor:
+        """True (a tensor on the device) if every weight is finite; Chapter 8's sharded trainer asks every rank."""
+        return torch.stack([torch.isfinite(p).all() for p in self.params]).all()
 
     def _diverged(self, what: str) -> DivergedError:
         lower = f"lower lr (now {self.cfg.lr:g}) or grad_clip (now {self.cfg.grad_clip:g})"
@@ -285,7 +291,7 @@ class Trainer:
             advice = f"no checkpoint was saved; {lower} and start over with --overwrite --set lr=..."
         else:
             advice = (f"the last good checkpoint, of step {self.checkpoint_step}, is kept in "
-                      f"{self.run_dir / 'checkpoint.pt'}; {lower} and continue with --resume --set lr=..., "
+                      f"{self.checkpoint_file}; {lower} and continue with --resume --set lr=..., "
                       "or start over with --overwrite")
         return DivergedError(f"training diverged by step {self.step}: {what}; {advice}")
 
@@ -301,6 +307,26 @@ class Trainer:
             "last_eval": self.last_eval,
         }
 
+    @property
+    def checkpoint_file(self) -> Path:
+        """Where this trainer saves: ``checkpoint.pt`` (Chapter 8's sharded runs write a ``checkpoint.dcp`` folder)."""
+        return self.run_dir / "checkpoint.pt"
+
+    def resume_file(self) -> Path | None:
+        """The checkpoint to resume: ``checkpoint.pt`` or a sharded run's ``checkpoint.dcp``, the newer; or None."""
+        found = [path for path in (self.run_dir / "checkpoint.pt", self.run_dir / DCP_CHECKPOINT) if path.exists()]
+        return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
+
+    def load_training_state(self, state: dict, path: Path) -> None:
+        """Put a checkpoint's weights and AdamW moments into the model and optimizer (Chapter 8 shards them)."""
+        if path.name == DCP_CHECKPOINT:  # written by a sharded run (Chapter 8): DCP reads it into any layout
+            from llmbook.distributed import dcp_checkpoint
+
+            dcp_checkpoint.load_sharded(path, self.raw_model, self.optimizer)
+        else:
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoint.pt`` (atomic, checksummed); never NaN weights over a good checkpoint."""
         self._check_finite()
@@ -311,17 +337,21 @@ class Trainer:
         return path
 
     def restore(self) -> bool:
-        """Load ``checkpoint.pt`` of the run folder if there is one; False when there is none."""
-        path = self.run_dir / "checkpoint.pt"
-        if self._restored or not path.is_file():
+        """Load the run folder's ``checkpoint.pt`` (or ``checkpoint.dcp``) if there is one; False when there is none."""
+        path = self.resume_file()
+        if self._restored or path is None:
             return self._restored
-        state = checkpoint.load_checkpoint(path)  # on the CPU: load_state_dict copies to the model's device
+        if path.name == DCP_CHECKPOINT:
+            from llmbook.distributed import dcp_checkpoint
+
+            state = dcp_checkpoint.read_meta(path)  # step, config, RNG; the tensors come in load_training_state
+        else:
+            state = checkpoint.load_checkpoint(path)  # on the CPU: load_state_dict copies to the model's device
         if state.get("model_config") != asdict(self.model_config):
             raise ValueError(f"{path} holds a different model ({state.get('model_config')}); train it in a new "
                              "folder (another name or --out) or drop --resume")
         try:
-            self.raw_model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.load_training_state(state, path)
             if state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])
             self.step = int(state["step"])
@@ -332,7 +362,7 @@ class Trainer:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path} is not a complete training checkpoint ({reason[:200]}): delete it and "
                                   "start over with --overwrite, or resume from a good copy") from None
-        if not all(torch.isfinite(p).all() for p in self.raw_model.parameters()):
+        if not bool(self._weights_finite()):
             raise CheckpointError(f"{path} holds NaN or infinite weights: it cannot be resumed; start over with "
                                   "--overwrite (and a lower lr)")
         self._restored = True
@@ -341,7 +371,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    RUN_FILES = ("checkpoint.pt", "model.pt", "metrics.jsonl", "samples.jsonl", "summary.json")
+    RUN_FILES = ("checkpoint.pt", DCP_CHECKPOINT, "model.pt", "metrics.jsonl", "samples.jsonl", "summary.json")
 
     def _session_seconds(self) -> float:
         return time.perf_counter() - self._session_start if hasattr(self, "_session_start") else 0.0
@@ -359,7 +389,7 @@ class Trainer:
             return True
         found = [name for name in self.RUN_FILES if (self.run_dir / name).exists()]
         if resume:
-            if not (self.run_dir / "checkpoint.pt").is_file():
+            if self.resume_file() is None:
                 hint = ("use --overwrite instead of --resume to replace its logs with a new run" if found
                         else "drop --resume to start a new run")
                 raise RunError(f"nothing to resume: {self.run_dir} has no checkpoint.pt; {hint}")
@@ -387,7 +417,8 @@ class Trainer:
                         _write_atomic(file, "".join(json.dumps(record) + "\n" for record in kept))
             else:
                 for name in self.RUN_FILES:  # a new run, or --overwrite: nothing of an old one stays
-                    (self.run_dir / name).unlink(missing_ok=True)
+                    path = self.run_dir / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         except OSError as exc:
             raise RunError(f"cannot write in the run folder {self.run_dir} ({exc.strerror or exc}): choose another "
                            "--out, or make it writable") from None
@@ -431,7 +462,7 @@ class Trainer:
                 if stop.signum is not None:
                     name = signal.Signals(stop.signum).name
                     raise Interrupted(self.stop_message(f"{name}: stopped"), self.step,
-                                      self.run_dir / "checkpoint.pt", self.checkpoint_step, stop.signum)
+                                      self.checkpoint_file, self.checkpoint_step, stop.signum)
                 if self.is_main:
                     print(self.stop_message("stopped").replace("--resume", "resume=True (--resume)"))
                 return self._summary(finished=False)
@@ -443,7 +474,7 @@ class Trainer:
         if self.step == 0 and cfg.eval_interval and (self.last_eval or {}).get("step") != 0 and stop.signum is None:
             self._evaluate_and_sample()  # the untrained model: loss ≈ ln(vocab_size)
         window_loss, window_steps, window_seconds = torch.zeros((), device=self.device), 0, 0.0
-        while self.step < end and stop.signum is None:
+        while self.step < end and not self._should_stop(stop):
             start = time.perf_counter()
             loss, norm = self.train_step()
             # fp16's GradScaler makes an infinite norm on purpose now and then, and skips that step: not a divergence
@@ -474,6 +505,10 @@ class Trainer:
                 self.save_checkpoint()
             bar.update(1)
 
+    def _should_stop(self, stop: _StopSignals) -> bool:
+        """Whether a signal asked the loop to stop; Chapter 8's ranks agree on it, so all stop after the same step."""
+        return stop.signum is not None
+
     def _save_after_error(self, exc: BaseException) -> None:
         """Keep the steps done when an error (a second Ctrl-C, out of memory) stops the loop, where that is safe.
 
@@ -489,7 +524,7 @@ class Trainer:
 
     def stop_message(self, what: str) -> str:
         """One true line about a stop: which step, and whether (and where) a checkpoint holds it."""
-        path = self.run_dir / "checkpoint.pt"
+        path = self.checkpoint_file
         if self.checkpoint_step is None:
             return (f"{what} at step {self.step}; no checkpoint was saved: start again (--overwrite if the folder "
                     "holds a run)")
@@ -509,14 +544,18 @@ class Trainer:
             "params": self.raw_model.num_params(), "finished": finished,
         }
 
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The whole model's weights on the CPU, for ``model.pt`` (a sharded model gathers them from every rank)."""
+        return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+
     def _finish(self) -> dict:
         """The final model and summary, after the last step."""
         if self.last_eval is None or self.last_eval["step"] != self.step:
             self._evaluate_and_sample()
         self._check_finite()
         summary = self._summary(finished=True)
+        state_dict = self.full_state_dict()
         if self.is_main:
-            state_dict = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
             checkpoint.save_checkpoint(self.run_dir / "model.pt",
                                        {"model_config": asdict(self.model_config), "state_dict": state_dict})
             try:
@@ -687,6 +726,14 @@ def _one_line(exc: BaseException) -> str:
     return message.strip().splitlines()[0] if message.strip() else type(exc).__name__
 
 
+def _rank_from_env(name: str = "RANK", default: int = 0) -> int:
+    """torchrun's ``RANK`` (or another of its variables) as an int; ``default`` when unset or not a number."""
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m llmbook.train", description="Pretrain a GPT on a text; files go to OUT/NAME.",
@@ -710,20 +757,27 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # until training starts, SIGTERM stops us as Ctrl-C does: with a line, not silently
         previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # under torchrun every rank runs this; only rank 0 prints errors, the others exit with the same code quietly
+    say = print if _rank_from_env() == 0 else (lambda *a, **k: None)
     try:
         cfg = TrainConfig.resolve(args.config, args.overrides)
-        trainer = Trainer(cfg, Path(args.out) / cfg.name, progress=not args.no_progress)
+        trainer_class = Trainer
+        if cfg.parallel != "none" or _rank_from_env("WORLD_SIZE", 1) > 1:  # several processes (Chapter 8)
+            from llmbook.distributed.trainer import DistributedTrainer as trainer_class
+        trainer = trainer_class(cfg, Path(args.out) / cfg.name, progress=not args.no_progress)
         trainer.train(resume=args.resume, overwrite=args.overwrite)
+        if hasattr(trainer, "close"):
+            trainer.close()  # leave the process group
     except Interrupted as exc:
-        print(exc.args[0], file=sys.stderr)
+        say(exc.args[0], file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
         started = trainer is not None and trainer._started
-        print(trainer.stop_message("interrupted") if started else "interrupted before training started; nothing "
-              "was saved", file=sys.stderr)
+        say(trainer.stop_message("interrupted") if started else "interrupted before training started; nothing "
+            "was saved", file=sys.stderr)
         return 128 + received[0]
     except (ValueError, OSError, RunError, DataNotFoundError, ChecksumError, KeyError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        say(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         if main_thread:

@@ -22,6 +22,7 @@ from llmbook import loader
 from llmbook.model import PRESETS, ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+PARALLEL = ("none", "ddp", "fsdp")
 _SET_ELSEWHERE = {"vocab_size": "the tokenizer", "context_length": "TrainConfig.context_length"}
 
 
@@ -35,7 +36,9 @@ class TrainConfig:
     dataset: str = "tinyshakespeare"  # registry name or path to a .txt
     tokenizer: str = "bytes"  # "bytes" | "bpe-<V>" | "gpt2"
     val_fraction: float = 0.1  # the last 10% of the text, as nanoGPT
-    batch_size: int = 12  # sequences per micro-batch
+    # sequences per micro-batch, over all processes: with parallel="ddp"/"fsdp" each of N ranks takes
+    # batch_size // N of them (N must divide it), so N ranks train on the batch one process would
+    batch_size: int = 12
     context_length: int = 64  # overrides the preset's
     accumulation_steps: int = 1  # micro-batches per optimizer step: batch_size·accumulation_steps sequences
     max_steps: int = 1000  # optimizer steps
@@ -64,6 +67,10 @@ class TrainConfig:
     sample_tokens: int = 200  # a sample at each eval (at most what fits in the context); 0: none
     sample_prompt: str = "\n"
     seed: int = 1337
+    # how several processes (torchrun --nproc_per_node=N) share the work (Chapter 8): "none", one process;
+    # "ddp", PyTorch's DistributedDataParallel (every rank holds the model, gradients are all-reduced);
+    # "fsdp", FSDP2's fully_shard per block (parameters, gradients and AdamW's moments sharded over the ranks)
+    parallel: str = "none"
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -105,12 +112,18 @@ class TrainConfig:
             )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}: 'none' for one "
+                             "process, 'ddp' or 'fsdp' under torchrun --nproc_per_node=N")
         try:
             device = torch.device(self.resolved_device)
         except RuntimeError:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
         if self.precision == "fp16" and device.type != "cuda":
             raise ValueError("precision='fp16' needs a CUDA GPU (its GradScaler); use 'bf16' on a CPU")
+        if self.precision == "fp16" and self.parallel == "fsdp":  # each rank would skip steps on its own shard's inf
+            raise ValueError("precision='fp16' is not supported with parallel='fsdp' (its GradScaler sees only this "
+                             "rank's shard); use precision='bf16'")
         if self.sample_tokens and not self.sample_prompt:
             raise ValueError("sample_prompt must not be empty when sample_tokens > 0 (the model needs a first token)")
         self.model_config(256)  # the preset with these overrides must be a valid model
