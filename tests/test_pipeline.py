@@ -1,21 +1,27 @@
-"""Pipeline schedules: the bubble counted on the grid equals (p-1)/(m+p-1); dependencies; activations held."""
+"""Pipeline schedules: the bubble counted on the grid equals (p-1)/(m+p-1); dependencies; activations held;
+both schedules run for real over 2 and 3 ranks equal one process."""
 
 from __future__ import annotations
 
-import matplotlib
+import copy
 
-matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from matplotlib.figure import Figure
 
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
-
-from llmbook.distributed.pipeline import (  # noqa: E402
+from llmbook.distributed.launcher import spawn
+from llmbook.distributed.pipeline import (
+    GPTStage,
     Schedule,
     bubble_fraction,
     gpipe_schedule,
     one_f_one_b_schedule,
+    pipeline_stage,
     plot_schedule,
+    run_pipeline,
 )
+from llmbook.model import GPT, ModelConfig
 
 SIZES = [(1, 1), (1, 4), (2, 1), (2, 3), (3, 2), (4, 4), (4, 8), (8, 3), (5, 16)]
 SCHEDULES = [gpipe_schedule, one_f_one_b_schedule]
@@ -85,12 +91,72 @@ def test_bad_sizes_are_one_line_errors():
 
 
 def test_plot_two_panels():
-    fig, axes = plt.subplots(2, 1, figsize=(8, 4))
+    axes = Figure(figsize=(8, 4)).subplots(2, 1)  # no pyplot, no backend: the chapter's two-panel figure
     for ax, make in zip(axes, SCHEDULES, strict=True):
         s = make(4, 8, backward_slots=2)
         assert plot_schedule(s, ax=ax) is ax
         assert len(ax.patches) == len(s.ops) == 2 * 4 * 8  # one rectangle per F and per B
         assert len(ax.texts) == len(s.ops)
-    plt.close(fig)
     ax = plot_schedule(gpipe_schedule(2, 2))  # makes its own figure
     plt.close(ax.figure)
+
+
+# --- Running the schedules for real: one rank per stage ---------------------------------------------------------------
+
+CONFIGS = {
+    "gpt": ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=3, n_heads=4),  # tied embeddings
+    "llama": ModelConfig.preset("llama-tiny", vocab_size=64, context_length=16, n_layers=3),
+}
+N_MICRO = 4
+
+
+def _pipeline_rank(rank: int, world_size: int, cfg: ModelConfig) -> dict:
+    """The unsharded model's loss and gradients against GPipe and 1F1B over ``world_size`` stages."""
+    torch.manual_seed(0)
+    base = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2 * N_MICRO, 17), generator=torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(base)
+    _, ref_loss = ref(x[:, :-1], x[:, 1:])
+    ref_loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    out = {}
+    for make in SCHEDULES:
+        schedule = make(world_size, N_MICRO)
+        model = copy.deepcopy(base)
+        result = run_pipeline(pipeline_stage(model), schedule, x[:, :-1], x[:, 1:])
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        out[schedule.name] = dict(
+            loss=abs(result.loss - ref_loss.item()),
+            grads=max((g - ref_grads[n].grad).abs().max().item() for n, g in grads.items()),
+            names=sorted(grads), peak=result.peak_stored, expected_peak=schedule.peak_in_flight()[rank],
+        )
+    return out
+
+
+@pytest.mark.parametrize(("name", "world_size"), [("gpt", 3), ("llama", 2)])
+def test_run_pipeline_equals_one_process(name, world_size):
+    cfg = CONFIGS[name]
+    results = spawn(_pipeline_rank, world_size, cfg)
+    all_names = {n for n, _ in GPT(cfg).named_parameters()}
+    for schedule in ("GPipe", "1F1B"):
+        per_rank = [r[schedule] for r in results]
+        for r in per_rank:
+            assert r["loss"] < 1e-6 and r["grads"] < 1e-6
+            assert r["peak"] == r["expected_peak"]  # the activations held while running: what the grid says
+        # every parameter got its gradient on some stage; only a tied embedding lives on two (first and last)
+        names = [n for r in per_rank for n in r["names"]]
+        assert set(names) == all_names and len(names) == len(all_names) + cfg.tied_embeddings
+    assert [r["GPipe"]["peak"] for r in results] == [N_MICRO] * world_size
+    assert [r["1F1B"]["peak"] for r in results] == [world_size - s for s in range(world_size)]
+
+
+def test_run_pipeline_errors():
+    model = GPT(CONFIGS["llama"])
+    with pytest.raises(ValueError, match="n_stages=4 must be between 1 and the model's n_layers=3"):
+        GPTStage(model, 0, 4)
+    stage = GPTStage(model, 0, 1)
+    x = torch.zeros(3, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="does not split into n_micro=2"):
+        run_pipeline(stage, gpipe_schedule(1, 2), x, x)
+    with pytest.raises(ValueError, match="the schedule has 2 stages"):
+        run_pipeline(stage, gpipe_schedule(2, 3), x, x)

@@ -30,13 +30,23 @@ Interleaved 1F1B (several small stages per device) and zero-bubble schedules
 further; they are not built here. A :class:`Schedule` is a grid: for each
 stage and time slot, ``("F", m)``, ``("B", m)`` or ``None`` (idle).
 :meth:`Schedule.check` verifies that it respects the dependencies, and the
-bubble and memory are measured from the grid itself.
+bubble and memory are measured from the grid itself. :func:`run_pipeline`
+executes a schedule for real, one rank per stage of a GPT
+(:func:`pipeline_stage`), sending activations forward and gradients backward
+with point-to-point messages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmbook.model import GPT
 
 Cell = tuple[Literal["F", "B"], int] | None
 
@@ -286,3 +296,137 @@ def plot_schedule(schedule: Schedule, ax=None):
                        Patch(facecolor="white", edgecolor="black", label="idle")],
               loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     return ax
+
+
+# --- Running a schedule: one rank per stage, activations forward and gradients backward -------------------------------
+
+
+class GPTStage(nn.Module):
+    """One stage of a GPT: a run of its blocks, with the embeddings on the first stage and the LM head on the last.
+
+    Blocks are dealt out as evenly as possible (4 blocks, 3 stages: 1, 2, 1).
+    It holds references to the model's own modules, so the gradients land in
+    the model's parameters; the parameters of other stages get none.
+    """
+
+    def __init__(self, model: GPT, stage: int, n_stages: int):
+        super().__init__()
+        n_layers = model.cfg.n_layers
+        if not 1 <= n_stages <= n_layers:
+            raise ValueError(f"n_stages={n_stages} must be between 1 and the model's n_layers={n_layers}")
+        if not 0 <= stage < n_stages:
+            raise ValueError(f"stage={stage} must be in 0..{n_stages - 1}")
+        self.cfg, self.stage, self.n_stages = model.cfg, stage, n_stages
+        self.is_first, self.is_last = stage == 0, stage == n_stages - 1
+        bounds = [round(i * n_layers / n_stages) for i in range(n_stages + 1)]  # as even as possible
+        self.first_block = bounds[stage]
+        self.blocks = nn.ModuleList(model.blocks[bounds[stage]:bounds[stage + 1]])
+        if self.is_first:
+            self.tok_emb, self.drop = model.tok_emb, model.drop
+            self.pos_emb = model.pos_emb if model.cfg.positions == "learned" else None
+        if self.is_last:
+            self.norm_f, self.lm_head = model.norm_f, model.lm_head
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Token ids ``(b, T)`` on the first stage, else the activation ``(b, T, C)``; logits on the last stage."""
+        if self.is_first:
+            idx = x
+            x = self.tok_emb(idx)  # (b, T, C)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+            x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)  # (b, T, C)
+        if self.is_last:
+            x = self.lm_head(self.norm_f(x))  # (b, T, vocab_size)
+        return x
+
+
+def pipeline_stage(model: GPT, rank: int | None = None, n_stages: int | None = None) -> GPTStage:
+    """This rank's stage of ``model``: rank r of p runs stage r (default: this process's rank and world size)."""
+    rank = dist.get_rank() if rank is None else rank
+    n_stages = dist.get_world_size() if n_stages is None else n_stages
+    return GPTStage(model, rank, n_stages)
+
+
+@dataclass
+class PipelineResult:
+    """What one pipelined forward and backward gave this rank."""
+
+    loss: float  # the batch's mean loss (sent from the last stage to every rank)
+    peak_stored: int  # the most micro-batches whose activations this stage held at once, as counted while running
+    messages_sent: int  # activations and gradients this rank sent
+
+
+def run_pipeline(stage: GPTStage, schedule: Schedule, idx: Tensor, targets: Tensor) -> PipelineResult:
+    """Run one forward and backward of the batch ``(B, T)`` in ``n_micro`` micro-batches, in the schedule's order.
+
+    Each rank follows its own row of the grid. A forward receives its input
+    activation from the previous stage (``dist.recv`` waits until it has
+    come) and sends its output on; a backward receives the gradient with
+    respect to its output from the next stage and sends the gradient with
+    respect to its input back. The waiting enforces the dependencies that
+    :meth:`Schedule.check` verifies; the slots of the grid are only the order.
+    Sends are asynchronous (``isend``): with blocking sends two stages that
+    both send first would wait for each other forever (1F1B does that).
+    Gradients accumulate in the parameters: afterwards they are those of the
+    whole batch's mean loss, as in one process. A tied embedding (GPT-2) lives
+    on the first and the last stage; its two gradient parts are summed.
+    """
+    s, p, m = stage.stage, stage.n_stages, schedule.n_micro
+    if schedule.n_stages != p:
+        raise ValueError(f"the schedule has {schedule.n_stages} stages, the model was cut into {p}")
+    if idx.shape[0] % m:
+        raise ValueError(f"the batch of {idx.shape[0]} rows does not split into n_micro={m} equal micro-batches")
+    micro_idx, micro_targets = idx.chunk(m), targets.chunk(m)
+    shape = (idx.shape[0] // m, idx.shape[1], stage.cfg.d_model)  # an activation between stages
+    stored: dict[int, tuple[Tensor, Tensor]] = {}  # micro-batch -> (input, output): what its backward needs
+    loss, peak, sends = torch.zeros(()), 0, []
+    for op in sorted((o for o in schedule.ops if o.stage == s), key=lambda o: o.start):
+        if op.kind == "F":
+            if stage.is_first:
+                x = micro_idx[op.micro]
+            else:
+                x = torch.empty(shape)
+                dist.recv(x, src=s - 1)  # the previous stage's output of this micro-batch
+                x.requires_grad_(True)
+            out = stage(x)
+            if stage.is_last:  # the mean over micro-batches of their mean losses is the batch's mean loss
+                out = F.cross_entropy(out.flatten(0, 1).float(), micro_targets[op.micro].flatten()) / m
+                loss += out.detach()
+            else:
+                sends.append((dist.isend(out.detach(), dst=s + 1), out))
+            stored[op.micro] = (x, out)
+            peak = max(peak, len(stored))
+        else:
+            x, out = stored.pop(op.micro)  # after this backward its activations can be freed
+            if stage.is_last:
+                out.backward()
+            else:
+                grad = torch.empty_like(out)
+                dist.recv(grad, src=s + 1)  # dL/d(output), computed by the next stage
+                out.backward(grad)
+            if not stage.is_first:
+                sends.append((dist.isend(x.grad, dst=s - 1), x.grad))
+    for work, _ in sends:
+        work.wait()
+    if p > 1 and stage.cfg.tied_embeddings:
+        _sum_tied_embedding_grad(stage)
+    dist.all_reduce(loss)  # only the last stage's is not zero
+    return PipelineResult(float(loss), peak, len(sends))
+
+
+def _sum_tied_embedding_grad(stage: GPTStage) -> None:
+    """Add the tied matrix's gradient from the first stage (embedding) and the last (LM head); collective.
+
+    Megatron all-reduces it in a group of just those two stages; here every
+    rank joins one all-reduce and the middle stages add zeros.
+    """
+    weight = stage.tok_emb.weight if stage.is_first else stage.lm_head.weight if stage.is_last else None
+    if weight is None:
+        grad = torch.zeros(stage.cfg.vocab_size, stage.cfg.d_model)
+    else:
+        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+    dist.all_reduce(grad)
+    if weight is not None:
+        weight.grad = grad
