@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from llmbook.distributed.fsdp import FullyShardedModel
 from llmbook.distributed.launcher import spawn
 from llmbook.model import GPT, ModelConfig
-from llmbook.optim import AdamW
+from llmbook.optim import AdamW, clip_grad_norm
 
 CONFIGS = {
     "gpt": ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=2, n_heads=2, dropout=0.0),
@@ -151,6 +151,47 @@ def test_full_state_dict_reloads_and_shards_are_halves(two_ranks, style):
     assert r["eval_loss"] == pytest.approx(r["eval_loss_plain"], rel=1e-5)  # a no_grad forward computes the same
     n_units = CONFIGS[style].n_layers + 1
     assert sum(r["shard_numels"]) * 2 == pytest.approx(r["numel"], abs=2 * n_units)  # 1/2 of the model, + padding
+
+
+MAX_NORM = 0.5  # below the tiny model's first gradient norms, so clipping acts
+
+
+def _accumulate_and_clip_rank(rank: int, world_size: int) -> dict:
+    """3 ranks (every unit padded), 2 micro-batches per step, clipped: against one process on the global batch."""
+    cfg = CONFIGS["gpt"]
+    torch.manual_seed(0)
+    base = GPT(cfg)
+    batches = [global_batch(cfg, s, world_size) for s in range(STEPS)]
+    single = copy.deepcopy(base)
+    opt = AdamW(single.parameters(), **HP)
+    out = {"single_norms": [], "ours_norms": []}
+    for x, y in batches:
+        single(x, y)[1].backward()
+        out["single_norms"].append(float(clip_grad_norm(list(single.parameters()), MAX_NORM)))
+        opt.step()
+        opt.zero_grad()
+    ours = FullyShardedModel(copy.deepcopy(base))
+    opt = AdamW(ours.parameters(), **HP)
+    out["padding"] = [u.padded - u.numel for u in ours.units]
+    for x, y in batches:
+        mine = x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]
+        for xm, ym in zip(*(t.chunk(2) for t in mine), strict=True):  # the shards' .grad add up the micro-batches
+            (ours(xm, ym)[1] / 2).backward()
+        out["ours_norms"].append(float(ours.clip_grad_norm(MAX_NORM)))
+        opt.step()
+        opt.zero_grad()
+    out["single"], out["ours"] = single.state_dict(), ours.full_state_dict()
+    return out
+
+
+def test_three_ranks_padding_accumulation_and_clipping():
+    ranks = spawn(_accumulate_and_clip_rank, 3)
+    for r in ranks:
+        assert all(pad > 0 for pad in r["padding"])  # no unit's size divides by 3: the padding is exercised
+        assert r["ours_norms"] == pytest.approx(r["single_norms"], rel=1e-5)
+        assert max(r["single_norms"]) > MAX_NORM  # so clipping acted
+        for k, v in r["single"].items():
+            torch.testing.assert_close(r["ours"][k], v, **TOL)
 
 
 def test_no_process_group_is_one_clear_line():
