@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from llmbook.distributed import tensor_parallel as tp
 from llmbook.distributed.launcher import RankError, spawn
 from llmbook.model import GPT, ModelConfig
-from llmbook.optim import AdamW, param_groups
+from llmbook.optim import AdamW, clip_grad_norm, param_groups
 
 CONFIGS = {
     "gpt": ModelConfig(vocab_size=64, context_length=16, d_model=32, n_layers=2, n_heads=4, dropout=0.0),
@@ -103,6 +103,9 @@ def _tp_rank(rank: int, world_size: int, cfg: ModelConfig) -> dict:
     out["log"] = [(r.phase, r.nbytes) for r in log]
     out["ours_logits"], out["ours_loss"] = (logits - ref_logits).abs().max().item(), (loss - ref_loss).abs().item()
     out["ours_grads"] = max_diff(tp.gather_grads(ours), ref_grads)
+    ref_norm = clip_grad_norm(list(ref.parameters()), 1e-3)  # small enough to clip
+    out["norm"] = abs(tp.clip_grad_norm(ours, 1e-3).item() - ref_norm.item()) / ref_norm.item()
+    out["clipped_grads"] = max_diff(tp.gather_grads(ours), {n: p.grad for n, p in ref.named_parameters()})
     out["state_equal"] = all(torch.equal(v, tp.gather_state_dict(ours)[k]) for k, v in base.state_dict().items())
 
     theirs, orders = torch_tensor_parallel(base, world_size)
@@ -158,6 +161,7 @@ def test_equal_to_unsharded_model(two_ranks):
         assert r["state_equal"]  # gather_state_dict gives back the unsharded weights exactly
         assert r["ours_logits"] < 1e-5 and r["ours_loss"] < 1e-6
         assert r["ours_grads"] < 1e-6
+        assert r["norm"] < 1e-6 and r["clipped_grads"] < 1e-8  # the global norm from the ranks' slices
         assert r["cache_logits"] < 1e-5
         assert r["moved"] > 1e-3  # the steps did change the weights ...
         assert r["ours_steps"] < STEP_TOL["atol"]  # ... alike in both

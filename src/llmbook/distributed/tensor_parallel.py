@@ -456,6 +456,11 @@ def _sharded(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
                 yield f"{mod_name}.{p_name}", p_name, module
 
 
+def _is_split(module: nn.Module, p_name: str) -> bool:
+    """True for a parameter each rank holds a different slice of; a row-parallel bias is whole on every rank."""
+    return isinstance(module, ColumnParallelLinear) or (isinstance(module, RowParallelLinear) and p_name == "weight")
+
+
 def gather_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The unsharded model's state dict, on every rank (collective: every rank must call it).
 
@@ -480,6 +485,31 @@ def gather_grads(model: nn.Module) -> dict[str, Tensor]:
         else:
             grads[name] = p.grad.detach().clone()
     return grads
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Clip a tensor-parallel model's gradients by their global norm, the unsharded model's; return that norm.
+
+    ``llmbook.optim.clip_grad_norm`` on one rank would see only its slices of
+    the split matrices. The squared norm is a sum over entries, so each rank
+    sums the squares of its slices, one all-reduce adds the ranks' sums, and
+    the replicated parameters (the same on every rank) are counted once.
+    """
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}; to not clip, do not call clip_grad_norm")
+    split = {id(getattr(m, n)) for _, n, m in _sharded(model) if _is_split(m, n)}
+    grads = [(p.grad, id(p) in split) for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    local = sum((g.float().pow(2).sum() for g, is_split in grads if is_split), torch.zeros(()))
+    replicated = sum((g.float().pow(2).sum() for g, is_split in grads if not is_split), torch.zeros(()))
+    local = local.to(grads[0][0].device)
+    dist.all_reduce(local, group=group)  # the split parameters' squares, over all ranks
+    total = torch.sqrt(local + replicated.to(local.device))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g, _ in grads:
+        g.mul_(scale.to(g.device))
+    return total
 
 
 @dataclass
