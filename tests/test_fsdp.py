@@ -94,6 +94,12 @@ def _fsdp_rank(rank: int, world_size: int) -> dict:
             r["eval_loss"] = float(ours(mine[0][0], mine[0][1])[1])
             r["eval_loss_plain"] = float(plain(mine[0][0], mine[0][1])[1])
         r["eval_gathered"] = ours.gathered_bytes()
+        again = FullyShardedModel(GPT(cfg))  # loading the single process's weights gives its weights back
+        again.load_full_state_dict(r["single"])
+        r["loaded"] = again.full_state_dict()
+        again.module.activation_checkpointing = True
+        with pytest.raises(ValueError, match="does not support activation checkpointing"):
+            again(*mine[0])
 
         # (b) FSDP2: fully_shard on every Block, then on the root; the same AdamW arithmetic, torch's loop
         theirs = copy.deepcopy(base)
@@ -149,6 +155,8 @@ def test_full_state_dict_reloads_and_shards_are_halves(two_ranks, style):
     r = two_ranks[0][style]
     assert r["reloaded_loss"] == pytest.approx(r["single_loss_after"], rel=1e-5)
     assert r["eval_loss"] == pytest.approx(r["eval_loss_plain"], rel=1e-5)  # a no_grad forward computes the same
+    for k, v in r["single"].items():
+        assert torch.equal(r["loaded"][k], v)
     n_units = CONFIGS[style].n_layers + 1
     assert sum(r["shard_numels"]) * 2 == pytest.approx(r["numel"], abs=2 * n_units)  # 1/2 of the model, + padding
 

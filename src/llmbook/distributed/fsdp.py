@@ -58,8 +58,10 @@ trainer uses) does beyond this teaching version:
   model never exists on one rank), ``no_sync``-style gradient accumulation
   without reduce-scatter, and several forwards per backward.
 
-This version assumes that every unit runs exactly once per forward and that
-all its parameters are trained, with activation checkpointing off.
+This version assumes that every unit runs exactly once per forward and once
+per backward, that all its parameters are trained, and that activation
+checkpointing is off (a block recomputed inside backward would gather weights
+that its own post-forward hook frees again; FSDP2 handles this).
 """
 
 from __future__ import annotations
@@ -292,6 +294,9 @@ class FullyShardedModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         """The wrapped module's forward; the root unit stays gathered until its backward ends."""
+        if getattr(self.module, "activation_checkpointing", False) and self.module.training:
+            raise ValueError("FullyShardedModel does not support activation checkpointing; set "
+                             "model.activation_checkpointing = False, or use FSDP2 (the trainer's parallel=fsdp)")
         slot = self._gather(self.root) if self.root is not None else None
         try:
             out = self.module(*args, **kwargs)
@@ -338,6 +343,19 @@ class FullyShardedModel(nn.Module):
                     values[qual] = value  # tied names share one tensor, as in the unsharded model
                 offset += entry.numel
         return {k: values[k] for k in self._state_keys}
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load an unsharded state dict (``GPT.state_dict()``, :meth:`full_state_dict`): each rank keeps its slice."""
+        missing = [k for k in self._state_keys if k not in state]
+        if missing:
+            raise ValueError(f"state dict lacks {len(missing)} of the model's keys, e.g. {missing[0]!r}")
+        for unit in self.units:
+            flat = torch.zeros(unit.padded, dtype=unit.shard.dtype, device=unit.shard.device)  # (padded,)
+            torch.cat([state[e.owners[0][2]].reshape(-1).to(flat) for e in unit.params], out=flat[:unit.numel])
+            unit.shard.copy_(flat.chunk(self.world_size)[self.rank])
+        buffers = {k: v for k, v in state.items() if k in dict(self.module.named_buffers())}
+        self.module.load_state_dict(buffers, strict=False)
 
     def memory_report(self, optimizer: torch.optim.Optimizer | None = None) -> dict:
         """This rank's measured bytes: shards (+ any gathered buffers), gradients, optimizer states, total."""
