@@ -380,14 +380,15 @@ def run_pipeline(stage: GPTStage, schedule: Schedule, idx: Tensor, targets: Tens
         raise ValueError(f"the batch of {idx.shape[0]} rows does not split into n_micro={m} equal micro-batches")
     micro_idx, micro_targets = idx.chunk(m), targets.chunk(m)
     shape = (idx.shape[0] // m, idx.shape[1], stage.cfg.d_model)  # an activation between stages
+    device = next(stage.parameters()).device
     stored: dict[int, tuple[Tensor, Tensor]] = {}  # micro-batch -> (input, output): what its backward needs
-    loss, peak, sends = torch.zeros(()), 0, []
+    loss, peak, sends = torch.zeros((), device=device), 0, []
     for op in sorted((o for o in schedule.ops if o.stage == s), key=lambda o: o.start):
         if op.kind == "F":
             if stage.is_first:
                 x = micro_idx[op.micro]
             else:
-                x = torch.empty(shape)
+                x = torch.empty(shape, device=device)
                 dist.recv(x, src=s - 1)  # the previous stage's output of this micro-batch
                 x.requires_grad_(True)
             out = stage(x)
@@ -424,7 +425,7 @@ def _sum_tied_embedding_grad(stage: GPTStage) -> None:
     """
     weight = stage.tok_emb.weight if stage.is_first else stage.lm_head.weight if stage.is_last else None
     if weight is None:
-        grad = torch.zeros(stage.cfg.vocab_size, stage.cfg.d_model)
+        grad = torch.zeros(stage.cfg.vocab_size, stage.cfg.d_model, device=next(stage.parameters()).device)
     else:
         grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
     dist.all_reduce(grad)

@@ -501,11 +501,11 @@ def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup |
     grads = [(p.grad, id(p) in split) for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    local = sum((g.float().pow(2).sum() for g, is_split in grads if is_split), torch.zeros(()))
-    replicated = sum((g.float().pow(2).sum() for g, is_split in grads if not is_split), torch.zeros(()))
-    local = local.to(grads[0][0].device)
+    zero = torch.zeros((), device=grads[0][0].device)
+    local = sum((g.float().pow(2).sum() for g, is_split in grads if is_split), zero.clone())
+    replicated = sum((g.float().pow(2).sum() for g, is_split in grads if not is_split), zero.clone())
     dist.all_reduce(local, group=group)  # the split parameters' squares, over all ranks
-    total = torch.sqrt(local + replicated.to(local.device))
+    total = torch.sqrt(local + replicated)
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g, _ in grads:
         g.mul_(scale.to(g.device))
