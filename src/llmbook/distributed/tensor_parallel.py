@@ -425,7 +425,7 @@ def parallelize_gpt(model: nn.Module, group: dist.ProcessGroup | None = None) ->
     Parameter names stay those of the unsharded model (``gather_state_dict``
     rebuilds its full state dict).
     """
-    rank, world = _group_rank_size(group, "parallelize_gpt")
+    _, world = _group_rank_size(group, "parallelize_gpt")
     if not isinstance(model, GPT):
         raise TypeError(f"parallelize_gpt takes an llmbook.model.GPT, got {type(model).__name__}")
     if any(isinstance(b.attn, HeadParallelAttention) for b in model.blocks):
