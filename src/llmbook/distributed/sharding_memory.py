@@ -2,11 +2,11 @@
 
 Training with AdamW keeps, for each of the Ψ parameters, its weight, its
 gradient and K bytes of optimizer state. Rajbhandari et al. (2020, "ZeRO:
-Memory Optimizations Toward Training Trillion Parameter Models", Section 5.1
-and Figure 1) count mixed-precision training as 2 bytes of fp16 weight, 2 of
-fp16 gradient and K = 12 of optimizer state (an fp32 master copy of the
-weights, momentum and variance, 4 bytes each), and give the memory per device
-with data parallelism over N_d devices as (quoted):
+Memory Optimizations Toward Training Trillion Parameter Models") count
+mixed-precision training as 2 bytes of fp16 weight, 2 of fp16 gradient and
+K = 12 of optimizer state (an fp32 master copy of the weights, momentum and
+variance, 4 bytes each; their Section 3.1), and give the memory per device
+with data parallelism over N_d devices as (quoted, Figure 1 and Section 5):
 
     baseline (DDP)         (2 + 2 + K)·Ψ
     P_os       (stage 1)   2Ψ + 2Ψ + K·Ψ/N_d
