@@ -5,19 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_train import write_text
 
 from llmbook.checkpoint import load_checkpoint
 from llmbook.distributed import dcp_checkpoint
 from llmbook.distributed.launcher import spawn
 from llmbook.train import DCP_CHECKPOINT, TrainConfig, Trainer, load_model, main, read_jsonl
-from test_train import write_text
 
 STEPS = 20
 TOL = 2e-5  # float32: the ranks' sums of half batches round differently from one sum of the whole
@@ -39,22 +38,27 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r}
 
 
-def _train_rank(rank: int, world_size: int, cfg_dict: dict, run_dir: str, cache: str,
-                resume: bool = False, stop_at: int | None = None) -> dict:
-    """One rank of a DistributedTrainer run (spawn's ranks were forked before the test set the cache variable)."""
+def _train_rank(rank: int, world_size: int, jobs: list[tuple], cache: str) -> list[dict]:
+    """One rank of several DistributedTrainer runs in turn, each ``(config dict, run_dir, resume, stop_at)``.
+
+    Several runs per spawn: a rank pays its imports (FSDP, DCP) once. The cache
+    variable is set here because spawn's ranks fork from a server started before the test set it.
+    """
     os.environ["LLMBOOK_CACHE_DIR"] = cache
     from llmbook.distributed.trainer import DistributedTrainer
 
-    trainer = DistributedTrainer(TrainConfig(**cfg_dict), run_dir, progress=False)
-    summary = trainer.train(resume=resume, stop_at=stop_at, overwrite=not resume)
-    return {"summary": summary, "step": trainer.step, "main": trainer.is_main, "batch": trainer.local_batch}
+    results = []
+    for cfg_dict, run_dir, resume, stop_at in jobs:
+        trainer = DistributedTrainer(TrainConfig(**cfg_dict), run_dir, progress=False)
+        trainer.train(resume=resume, stop_at=stop_at, overwrite=not resume)
+        results.append({"step": trainer.step, "main": trainer.is_main, "batch": trainer.local_batch})
+    return results
 
 
-def run_ranks(cfg: TrainConfig, world_size: int, run_dir: Path, **kwargs) -> list[dict]:
-    cache = os.environ["LLMBOOK_CACHE_DIR"]
-    return spawn(_train_rank, world_size, dataclasses.asdict(cfg), str(run_dir), cache, *kwargs.values()) \
-        if not kwargs else spawn(_train_rank, world_size, dataclasses.asdict(cfg), str(run_dir), cache,
-                                 kwargs.get("resume", False), kwargs.get("stop_at"))
+def run_ranks(world_size: int, *jobs: tuple[TrainConfig, Path, bool, int | None]) -> list[list[dict]]:
+    """Spawn ``world_size`` ranks (~0.1 s to start) that run the ``(cfg, run_dir, resume, stop_at)`` jobs in turn."""
+    plain = [(dataclasses.asdict(cfg), str(run_dir), resume, stop_at) for cfg, run_dir, resume, stop_at in jobs]
+    return spawn(_train_rank, world_size, plain, os.environ["LLMBOOK_CACHE_DIR"])
 
 
 def one_process(cfg: TrainConfig, run_dir: Path, **kwargs) -> dict[int, float]:
@@ -62,27 +66,133 @@ def one_process(cfg: TrainConfig, run_dir: Path, **kwargs) -> dict[int, float]:
     return losses(run_dir)
 
 
+def max_weight_difference(a: Path, b: Path) -> float:
+    (model_a, _), (model_b, _) = load_model(a), load_model(b)
+    return max((x - y).abs().max().item() for x, y in zip(model_a.state_dict().values(),
+                                                          model_b.state_dict().values(), strict=True))
+
+
 # ---------------------------------------------------------------------- equivalence
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_two_ranks_follow_one_process(cfg, tmp_path, accumulation):
-    """2 ranks × b (DDP and FSDP2) give the loss of 1 process × 2b at every one of 20 steps."""
-    cfg = dataclasses.replace(cfg, accumulation_steps=accumulation)
-    reference = one_process(cfg, tmp_path / "one")
-    assert sorted(reference) == list(range(1, STEPS + 1))
-    for parallel in ("ddp", "fsdp"):
-        run = tmp_path / parallel
-        results = run_ranks(dataclasses.replace(cfg, parallel=parallel), 2, run)
-        assert [r["main"] for r in results] == [True, False] and results[0]["batch"] == cfg.batch_size // 2
-        got = losses(run)
-        assert sorted(got) == sorted(reference)  # rank 0 alone logs: one record per step
-        diff = max(abs(got[s] - reference[s]) for s in reference)
-        print(f"{parallel}, accumulation {accumulation}: max |loss difference| over {STEPS} steps = {diff:.2e}")
-        assert diff < TOL, (parallel, diff)
+def test_two_ranks_follow_one_process(cfg, tmp_path):
+    """2 ranks × b (DDP and FSDP2) give the loss of 1 process × 2b at every one of 20 steps, accumulating or not."""
+    runs = [(parallel, accumulation) for accumulation in (1, 2) for parallel in ("ddp", "fsdp")]
+    jobs = [(dataclasses.replace(cfg, parallel=parallel, accumulation_steps=accumulation),
+             tmp_path / f"{parallel}-{accumulation}", False, None) for parallel, accumulation in runs]
+    results = run_ranks(2, *jobs)
+    assert [r[0]["main"] for r in results] == [True, False] and results[0][0]["batch"] == cfg.batch_size // 2
+    for accumulation in (1, 2):
+        one = tmp_path / f"one-{accumulation}"
+        reference = one_process(dataclasses.replace(cfg, accumulation_steps=accumulation), one)
+        assert sorted(reference) == list(range(1, STEPS + 1))
         assert reference[STEPS] < reference[1] - 0.5  # it learned: the comparison is not between two flat lines
-        model, _ = load_model(run)
-        ref_model, _ = load_model(tmp_path / "one")
-        err = max((a - b).abs().max().item() for a, b in zip(model.state_dict().values(),
-                                                             ref_model.state_dict().values(), strict=True))
-        assert err < 1e-4, (parallel, err)
+        for parallel in ("ddp", "fsdp"):
+            run = tmp_path / f"{parallel}-{accumulation}"
+            got = losses(run)
+            assert sorted(got) == sorted(reference)  # rank 0 alone logs: one record per step
+            diff = max(abs(got[s] - reference[s]) for s in reference)
+            weights = max_weight_difference(run, one)
+            print(f"{parallel}, accumulation {accumulation}: max |loss difference| over {STEPS} steps = {diff:.2e}, "
+                  f"final weights {weights:.2e}")
+            assert diff < TOL and weights < 1e-4, (parallel, accumulation, diff, weights)
+
+
+# ---------------------------------------------------------------------- checkpoints across rank counts
+
+
+def test_resume_across_rank_counts_and_layouts(cfg, tmp_path):
+    """One run, stopped and resumed in other layouts: 1 process, 2 FSDP ranks, 2 DDP, 2 FSDP, 1 FSDP, 1 process.
+
+    Each stop writes the checkpoint its layout writes (checkpoint.pt, or DCP's
+    checkpoint.dcp when sharded) and the next session resumes it with another
+    number of ranks or layout; the 20 losses equal the uninterrupted run's.
+    """
+    reference = one_process(cfg, tmp_path / "one")
+    run = tmp_path / "run"
+    fsdp, ddp = dataclasses.replace(cfg, parallel="fsdp"), dataclasses.replace(cfg, parallel="ddp")
+    one_process(cfg, run, stop_at=4)  # 1 process: checkpoint.pt
+    assert (run / "checkpoint.pt").is_file()
+    run_ranks(2, (fsdp, run, True, 8),  # checkpoint.pt -> 2 FSDP ranks -> DCP, 2 shards
+              (ddp, run, True, 11),  # DCP 2 shards -> 2 DDP ranks -> checkpoint.pt
+              (fsdp, run, True, 14))  # checkpoint.pt -> 2 FSDP ranks -> DCP, 2 shards
+    assert (run / DCP_CHECKPOINT / ".metadata").is_file() and not (run / "checkpoint.pt").exists()
+    meta = dcp_checkpoint.read_meta(run / DCP_CHECKPOINT)
+    assert meta["step"] == 14 and meta["world_size"] == 2 and len(meta["rng_states"]) == 2
+    run_ranks(1, (fsdp, run, True, 17))  # DCP 2 shards -> 1 FSDP rank -> DCP, 1 shard
+    assert dcp_checkpoint.read_meta(run / DCP_CHECKPOINT)["world_size"] == 1
+    Trainer(cfg, run, progress=False).train(resume=True)  # DCP -> 1 process without a process group, to the end
+    assert (run / "checkpoint.pt").is_file() and not (run / DCP_CHECKPOINT).exists()
+    got = losses(run)
+    assert sorted(got) == sorted(reference)  # every step logged once, across the six sessions
+    diff = max(abs(got[s] - reference[s]) for s in reference)
+    print(f"resumed 5 times across layouts: max |loss difference| over {STEPS} steps = {diff:.2e}")
+    assert diff < TOL and max_weight_difference(run, tmp_path / "one") < 1e-4
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == STEPS
+
+
+def test_sharded_checkpoint_converts_to_one_file(cfg, tmp_path, capsys):
+    """``python -m llmbook.distributed.dcp_checkpoint RUN`` writes the model.pt that load_model reads."""
+    run = tmp_path / "run"
+    run_ranks(2, (dataclasses.replace(cfg, parallel="fsdp"), run, False, 6))
+    assert not (run / "model.pt").exists()
+    assert dcp_checkpoint.main([str(run)]) == 0 and "wrote" in capsys.readouterr().out
+    model, tokenizer = load_model(run)
+    reference = tmp_path / "one"
+    Trainer(cfg, reference, progress=False).train(stop_at=6)
+    expected = load_checkpoint(reference / "checkpoint.pt")["model"]
+    assert model.state_dict().keys() == expected.keys()  # the tied head included
+    err = max((model.state_dict()[k] - v).abs().max().item() for k, v in expected.items())
+    assert err < 1e-5, err
+    assert tokenizer.vocab_size == model.cfg.vocab_size
+    # a second conversion would overwrite: refused, as are folders without a sharded checkpoint
+    for argv, message in [([str(run)], "already exists"), ([str(reference)], "has no checkpoint.dcp"),
+                          ([str(tmp_path / "nowhere")], "is not a folder")]:
+        assert dcp_checkpoint.main(argv) == 2
+        err_text = capsys.readouterr().err
+        assert err_text.startswith("error: ") and message in err_text and len(err_text.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "settings, env, message",
+    [
+        (["parallel=zero"], {}, "parallel must be one of none, ddp, fsdp"),
+        (["parallel=fsdp", "batch_size=5"], {"WORLD_SIZE": "2"}, "set batch_size to a multiple of 2"),
+        (["parallel=ddp", "device=cuda"], {}, "needs the NCCL backend"),
+        (["parallel=none"], {"WORLD_SIZE": "2"}, "add --set parallel=ddp or --set parallel=fsdp"),
+    ],
+)
+def test_bad_parallel_settings_are_one_line(cfg, tmp_path, capsys, monkeypatch, settings, env, message):
+    if "cuda" in " ".join(settings) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code = main(["--config", "tiny", "--out", str(tmp_path), "--no-progress", "--set", f"dataset={cfg.dataset}",
+                 *settings])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and message in err.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------- the real launcher
+
+
+def test_torchrun_trains_with_fsdp(cfg, tmp_path):
+    """``torchrun --nproc_per_node=2 -m llmbook.train --set parallel=fsdp``: one model.pt, logs written once."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "llmbook.train", "--config", "tiny", "--out", str(tmp_path / "runs"), "--no-progress",
+               "--set", f"dataset={cfg.dataset}", "parallel=fsdp", "max_steps=6", "eval_interval=3",
+               "context_length=16"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=os.environ.copy())
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    assert result.stdout.count("trained 6 steps") == 1  # rank 0 alone prints
+    evals = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
+    assert evals == [0, 3, 6]  # written once, by rank 0
+    assert [r["step"] for r in read_jsonl(run / "samples.jsonl")] == [0, 3, 6]
+    model, _ = load_model(run)
+    assert sum(p.numel() for p in model.parameters()) == json.loads((run / "summary.json").read_text())["params"]
+    assert (run / DCP_CHECKPOINT / ".metadata").is_file()

@@ -333,6 +333,8 @@ class Trainer:
         if not self.is_main:
             return None
         path = checkpoint.save_checkpoint(self.run_dir / "checkpoint.pt", self.state_dict())
+        if (self.run_dir / DCP_CHECKPOINT).exists():  # a sharded run's older checkpoint (Chapter 8): this one is newer
+            shutil.rmtree(self.run_dir / DCP_CHECKPOINT, ignore_errors=True)
         self.checkpoint_step = self.step
         return path
 

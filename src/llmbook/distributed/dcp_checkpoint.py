@@ -28,9 +28,11 @@ and for the optimizer alike; that naming is why layouts can change.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,6 +63,14 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns when it loads without a process group; one process reading every piece is what we want here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _one_line(exc: BaseException) -> str:
@@ -119,7 +129,8 @@ def load_sharded(folder: Path | str, model: nn.Module, optimizer: torch.optim.Op
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     try:
-        dcp.load(state, checkpoint_id=Path(folder))
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=Path(folder))
     except (OSError, dcp.api.CheckpointException, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{folder} cannot be loaded ({_one_line(exc)}): delete it and start over with "
                               "--overwrite, or resume from a good copy") from None
@@ -180,7 +191,8 @@ def to_model_file(run_dir: Path | str, out: Path | str | None = None) -> Path:
         model = GPT(config)
     weights = model.state_dict()  # DCP fills these tensors in place
     try:
-        dcp.load({"model": weights}, checkpoint_id=folder)
+        with _quiet_single_process():
+            dcp.load({"model": weights}, checkpoint_id=folder)
     except (OSError, dcp.api.CheckpointException, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{folder} cannot be loaded ({_one_line(exc)}): it is damaged or incomplete") from None
     state_dict = {k: v.detach().cpu() for k, v in weights.items()}

@@ -110,6 +110,10 @@ class DistributedTrainer(Trainer):
         # control messages (stop?) on the CPU: a gloo group, so asking never waits for the GPU
         self._cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
         self._resume_rngs: list | None = None
+        if self.world_size > 1:  # rank 0 tokenizes the text into the cache once; the others then read it
+            if self.is_main:
+                loader.prepare_data(cfg.dataset, cfg.tokenizer, cfg.val_fraction)
+            dist.barrier()
         super().__init__(cfg, run_dir, progress)
 
     # ------------------------------------------------------------------ the pieces of a step
