@@ -77,7 +77,9 @@ def _fsdp_rank(rank: int, world_size: int) -> dict:
             block.attn.register_forward_hook(
                 lambda *_, fsdp=ours, seen=seen: seen.append((fsdp.gathered_units(), fsdp.gathered_bytes())))
         opt = AdamW(ours.parameters(), **HP)
+        ours.trace = []
         r["ours_losses"] = train(ours, opt, mine, world_size)
+        r["trace"], ours.trace = ours.trace, None  # stop recording
         r["ours"] = ours.full_state_dict()
         r["seen"] = seen
         r["unit_bytes"] = {u.name: u.full_bytes for u in ours.units}
@@ -109,6 +111,10 @@ def _fsdp_rank(rank: int, world_size: int) -> dict:
         opt = torch.optim.AdamW(theirs.parameters(), **HP, foreach=False)
         r["torch_losses"] = train(theirs, opt, mine, world_size)
         r["torch"] = full_tensors(theirs.state_dict())
+    shared = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    shared[1].weight = shared[0].weight
+    with pytest.raises(ValueError, match="shared by two units"):
+        FullyShardedModel(shared, unit_types=(nn.Linear,))
     return out
 
 
@@ -148,6 +154,12 @@ def test_one_block_materialised_at_a_time(two_ranks, style):
     biggest = units[""] + max(v for k, v in units.items() if k)
     assert r["peak"]["forward"] == biggest and r["peak"]["backward"] == biggest  # backward too, one block
     assert r["after_step_gathered"] == 0 and r["eval_gathered"] == 0  # nothing full survives a step or an eval
+    # one step's timeline: root, then each block gathered and freed in forward; in backward the blocks in
+    # reverse, each freed once its gradients are reduce-scattered, the root last
+    blocks = [f"blocks.{i}" for i in range(n_blocks)]
+    step = [(event, unit) for event, unit, _ in r["trace"][:len(r["trace"]) // STEPS]]
+    assert step == ([("gather for forward", "root")] + [(e, b) for b in blocks for e in ("gather for forward", "free")]
+                    + [(e, b) for b in reversed(blocks) for e in ("gather for backward", "free")] + [("free", "root")])
 
 
 @pytest.mark.parametrize("style", CONFIGS)

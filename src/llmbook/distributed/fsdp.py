@@ -122,7 +122,9 @@ class _Slot:
         """Give the buffer's memory back; tensors that view it (saved by autograd) stay valid objects."""
         if self.tensor is not None:
             self.tensor.untyped_storage().resize_(0)
-        self.owner._live.discard(self)
+        if self in self.owner._live:
+            self.owner._live.discard(self)
+            self.owner._record("free", self.unit)
 
 
 class _GatherParams(torch.autograd.Function):
@@ -179,6 +181,7 @@ class FullyShardedModel(nn.Module):
         self._live: set[_Slot] = set()  # slots whose full buffer currently holds memory
         self.peak_gathered_bytes = {"forward": 0, "backward": 0}  # most full-buffer bytes alive at once
         self.gathered_units_at_peak = {"forward": [], "backward": []}
+        self.trace: list[tuple[str, str, int]] | None = None  # set to [] to record (event, unit, bytes gathered)
 
         # which unit owns each submodule: a unit's whole subtree, the root everything else
         unit_modules = [(n, m) for n, m in module.named_modules() if m is not module and isinstance(m, unit_types)]
@@ -244,10 +247,15 @@ class FullyShardedModel(nn.Module):
     def _track(self, slot: _Slot, phase: str) -> None:
         """Remember the most bytes of full buffers alive at once, and which units they were."""
         self._live.add(slot)
+        self._record(f"gather for {phase}", slot.unit)
         alive = self.gathered_bytes()
         if alive > self.peak_gathered_bytes[phase]:
             self.peak_gathered_bytes[phase] = alive
             self.gathered_units_at_peak[phase] = sorted(s.unit.name for s in self._live)
+
+    def _record(self, event: str, unit: _Unit) -> None:
+        if self.trace is not None:  # e.g. ("gather for forward", "blocks.0", 61312): a timeline for a figure
+            self.trace.append((event, unit.name or "root", self.gathered_bytes()))
 
     def gathered_bytes(self) -> int:
         """Bytes of full (unsharded) parameter buffers alive on this rank right now."""
