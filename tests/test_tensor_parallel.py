@@ -3,7 +3,7 @@
 What is compared with PyTorch: the same GPT with PyTorch's ``ColwiseParallel`` on every block's fused q, k, v
 projection and first MLP matrices (SwiGLU: gate and up) and ``RowwiseParallel`` on the attention output projection
 and the last MLP matrix, on ``init_device_mesh("cpu", (2,))``; the attention between them is
-``HeadParallelAttention`` with each rank's head counts, as PyTorch's tutorial sets ``n_heads // tp_size``. PyTorch
+``MultiHeadAttention`` with each rank's head counts, as PyTorch's tutorial sets ``n_heads // tp_size``. PyTorch
 splits a weight's rows evenly, which for a fused QKV matrix would give rank 0 only query heads, so its rows are
 first reordered rank by rank (``qkv_rows``), the layout Megatron stores. Logits, loss, gradients and weights after
 AdamW steps are compared, and PyTorch's gradients are gathered with ``DTensor.full_tensor()``.
@@ -53,8 +53,8 @@ def torch_tensor_parallel(base: GPT, world_size: int) -> tuple[GPT, dict[str, Te
             qkv.weight.copy_(a.qkv.weight[order])
             if a.qkv.bias is not None:
                 qkv.bias.copy_(a.qkv.bias[order])
-        block.attn = tp.HeadParallelAttention(qkv, a.proj, a.n_heads // world_size, a.n_kv_heads // world_size,
-                                              a.head_dim, a.rope, a.dropout, a.causal, a.backend)
+        a.qkv = qkv  # PyTorch's tutorial way: the module keeps its code, with each rank's head counts
+        a.n_heads, a.n_kv_heads = a.n_heads // world_size, a.n_kv_heads // world_size
         orders[f"blocks.{i}.attn.qkv"] = order
         plan[f"blocks.{i}.attn.qkv"] = ColwiseParallel()
         plan[f"blocks.{i}.attn.proj"] = RowwiseParallel()

@@ -368,5 +368,6 @@ class MultiHeadAttention(nn.Module):
 
         dropout_p = self.dropout if self.training else 0.0
         y = backend(q, k, v, mask, self.causal, dropout_p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh * hs): the heads side by side
+        # (B, T, nh * hs): the heads side by side; nh * hs = C, or C/p on a tensor-parallel rank (Chapter 8)
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)
         return self.proj(y)

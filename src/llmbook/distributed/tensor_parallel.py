@@ -59,11 +59,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmbook.attention import KVCache, MultiHeadAttention, get_backend
+from llmbook.attention import MultiHeadAttention
 from llmbook.distributed.collectives import all_reduce_bytes_per_rank
 from llmbook.layers import MLP, SwiGLU
 from llmbook.model import GPT
-from llmbook.rope import RotaryEmbedding
 
 # --- Recording the communication: how many all-reduces, of how many bytes -------------------------------------------
 
@@ -330,62 +329,22 @@ class RowParallelLinear(nn.Linear):
 # --- Attention split by heads -----------------------------------------------------------------------------------------
 
 
-class HeadParallelAttention(nn.Module):
-    """Causal self-attention over this rank's heads: ``n_heads`` and ``n_kv_heads`` are the rank's counts.
+def split_attention_heads(attn: MultiHeadAttention, group: dist.ProcessGroup | None = None) -> MultiHeadAttention:
+    """Keep only this rank's heads of ``attn``, in place: ``n_heads/p`` query heads and their ``n_kv_heads/p``.
 
-    The same computation as ``llmbook.attention.MultiHeadAttention``; only the
-    width differs: q, k, v come out of ``qkv`` with this rank's heads, each
-    head attends on its own (heads never mix inside attention, which is what
-    makes the split free), and ``proj`` receives the rank's ``n_heads·head_dim``
-    features, a row-parallel layer whose all-reduce adds the ranks' parts.
-    ``qkv`` and ``proj`` can be any modules with those shapes: our
-    Column/RowParallelLinear, or PyTorch's ``ColwiseParallel``/``RowwiseParallel``
-    linears (tests/test_tensor_parallel.py runs both).
+    The module's own forward runs unchanged: q, k, v come out of ``qkv`` with
+    this rank's heads, each head attends on its own (heads never mix inside
+    attention, which is what makes the split free), and ``proj`` receives the
+    rank's ``n_heads·head_dim`` features, a row-parallel layer whose
+    all-reduce adds the ranks' parts. Its KV cache (``new_cache``) holds this
+    rank's k/v heads only: the cache is split across ranks too.
     """
-
-    def __init__(
-        self, qkv: nn.Module, proj: nn.Module, n_heads: int, n_kv_heads: int, head_dim: int,
-        rope: RotaryEmbedding | None = None, dropout: float = 0.0, causal: bool = True, backend: str = "manual",
-    ):
-        super().__init__()
-        self.qkv, self.proj = qkv, proj
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.rope, self.dropout, self.causal, self.backend = rope, dropout, causal, backend
-
-    @classmethod
-    def from_attention(cls, attn: MultiHeadAttention, group: dist.ProcessGroup | None = None) -> HeadParallelAttention:
-        """This rank's heads of a full ``MultiHeadAttention``."""
-        rank, world = _group_rank_size(group, "HeadParallelAttention")
-        rows = qkv_rows(attn.n_heads, attn.n_kv_heads, attn.head_dim, rank, world)
-        qkv = ColumnParallelLinear.from_linear(attn.qkv, group, rows=rows)
-        proj = RowParallelLinear.from_linear(attn.proj, group)  # its inputs are the heads side by side: contiguous
-        return cls(qkv, proj, attn.n_heads // world, attn.n_kv_heads // world, attn.head_dim,
-                   attn.rope, attn.dropout, attn.causal, attn.backend)
-
-    def new_cache(
-        self, batch_size: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> KVCache:
-        """An empty cache for this rank's k/v heads: the KV cache is split across ranks too."""
-        w = next(self.qkv.parameters())
-        return KVCache.empty(batch_size, self.n_kv_heads, max_len, self.head_dim, device or w.device, dtype or w.dtype)
-
-    def forward(self, x: Tensor, cache: KVCache | None = None, mask: Tensor | None = None) -> Tensor:
-        """``(B, T, C) -> (B, T, C)``, C = d_model, replicated on every rank."""
-        B, T, _ = x.shape
-        nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim  # this rank's heads
-        q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
-        q = q.reshape(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.reshape(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.reshape(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        start = 0 if cache is None else cache.length
-        if self.rope is not None:
-            q, k = self.rope(q, start), self.rope(k, start)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        dropout_p = self.dropout if self.training else 0.0
-        y = get_backend(self.backend)(q, k, v, mask, self.causal, dropout_p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, C/p): this rank's heads side by side
-        return self.proj(y)  # (B, T, C): row parallel, all-reduced
+    rank, world = _group_rank_size(group, "split_attention_heads")
+    rows = qkv_rows(attn.n_heads, attn.n_kv_heads, attn.head_dim, rank, world)
+    attn.qkv = ColumnParallelLinear.from_linear(attn.qkv, group, rows=rows)
+    attn.proj = RowParallelLinear.from_linear(attn.proj, group)  # its inputs are the heads side by side: contiguous
+    attn.n_heads, attn.n_kv_heads = attn.n_heads // world, attn.n_kv_heads // world
+    return attn
 
 
 # --- The whole model --------------------------------------------------------------------------------------------------
@@ -428,7 +387,7 @@ def parallelize_gpt(model: nn.Module, group: dist.ProcessGroup | None = None) ->
     _, world = _group_rank_size(group, "parallelize_gpt")
     if not isinstance(model, GPT):
         raise TypeError(f"parallelize_gpt takes an llmbook.model.GPT, got {type(model).__name__}")
-    if any(isinstance(b.attn, HeadParallelAttention) for b in model.blocks):
+    if any(isinstance(b.attn.qkv, ColumnParallelLinear) for b in model.blocks):
         raise ValueError("this model is already tensor parallel; call parallelize_gpt once per model")
     cfg = model.cfg
     n_kv = cfg.n_kv_heads or cfg.n_heads
@@ -443,7 +402,7 @@ def parallelize_gpt(model: nn.Module, group: dist.ProcessGroup | None = None) ->
         for t in [*model.parameters(), *model.buffers()]:
             dist.broadcast(t, src=src, group=group)
     for block in model.blocks:
-        block.attn = HeadParallelAttention.from_attention(block.attn, group)
+        split_attention_heads(block.attn, group)
         _parallelize_mlp(block.mlp, group)
     return model
 
