@@ -287,6 +287,7 @@ def _serve() -> None:
     import struct
 
     import cloudpickle  # noqa: F401 -- preloaded for the ranks
+    import torch._dynamo  # noqa: F401 -- a rank's first optimizer imports it: 2 s per rank otherwise
     import torch.distributed  # noqa: F401
 
     if len(os.listdir("/proc/self/task")) != 1:  # a thread would make fork unsafe: refuse, spawn falls back
