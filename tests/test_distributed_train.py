@@ -136,6 +136,8 @@ def test_sharded_checkpoint_converts_to_one_file(cfg, tmp_path, capsys):
     run = tmp_path / "run"
     run_ranks(2, (dataclasses.replace(cfg, parallel="fsdp"), run, False, 6))
     assert not (run / "model.pt").exists()
+    with pytest.raises(FileNotFoundError, match="python -m llmbook.distributed.dcp_checkpoint"):
+        load_model(run)  # says how to convert
     assert dcp_checkpoint.main([str(run)]) == 0 and "wrote" in capsys.readouterr().out
     model, tokenizer = load_model(run)
     reference = tmp_path / "one"

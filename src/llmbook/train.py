@@ -714,6 +714,9 @@ def load_model(run_dir_or_model_pt: Path | str, device: str | torch.device = "cp
         path = path / "model.pt" if (path / "model.pt").is_file() else path / "checkpoint.pt"
     else:
         folder = path.parent
+    if not path.is_file() and (folder / DCP_CHECKPOINT).is_dir():
+        raise FileNotFoundError(f"{folder} holds only a sharded checkpoint ({DCP_CHECKPOINT}): write its model.pt with "
+                                f"python -m llmbook.distributed.dcp_checkpoint {folder}")
     state = checkpoint.load_checkpoint(path)
     model = _model_from_file(path, state.get("model_config"), state.get("state_dict", state.get("model")))
     return model.to(device).eval(), load_tokenizer(folder / "tokenizer.json")

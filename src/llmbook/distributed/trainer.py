@@ -90,9 +90,11 @@ class DistributedTrainer(Trainer):
             raise ValueError(f"device={cfg.device!r} with parallel={cfg.parallel!r} needs the NCCL backend, which "
                              "needs CUDA GPUs, and this machine has none; use device='cpu' (the gloo backend)")
         world_size = dist.get_world_size() if dist.is_initialized() else _world_size_from_env()
-        if cfg.parallel == "none":
+        if cfg.parallel == "none" and world_size > 1:
             raise ValueError(f"{world_size} processes were started but parallel='none' would train {world_size} "
                              "separate copies: add --set parallel=ddp or --set parallel=fsdp")
+        if cfg.parallel == "none":
+            raise ValueError("DistributedTrainer is for parallel='ddp' or 'fsdp'; use Trainer for parallel='none'")
         if cfg.batch_size % world_size:
             fit = max(world_size, cfg.batch_size // world_size * world_size)
             raise ValueError(f"batch_size={cfg.batch_size} is the global batch and {world_size} ranks cannot share "
