@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_train import write_text
+from torch.distributed.tensor import DTensor
 
 from llmbook.checkpoint import load_checkpoint
 from llmbook.distributed import dcp_checkpoint
@@ -51,7 +52,10 @@ def _train_rank(rank: int, world_size: int, jobs: list[tuple], cache: str) -> li
     for cfg_dict, run_dir, resume, stop_at in jobs:
         trainer = DistributedTrainer(TrainConfig(**cfg_dict), run_dir, progress=False)
         trainer.train(resume=resume, stop_at=stop_at, overwrite=not resume)
-        results.append({"step": trainer.step, "main": trainer.is_main, "batch": trainer.local_batch})
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in trainer.params)
+        results.append({"step": trainer.step, "main": trainer.is_main, "batch": trainer.local_batch,
+                        "optimizer": type(trainer.optimizer).__name__, "local_params": local,
+                        "params": trainer.raw_model.num_params()})
     return results
 
 
@@ -76,33 +80,46 @@ def max_weight_difference(a: Path, b: Path) -> float:
 
 
 def test_two_ranks_follow_one_process(cfg, tmp_path):
-    """2 ranks × b (DDP and FSDP2) give the loss of 1 process × 2b at every one of 20 steps, accumulating or not."""
-    runs = [(parallel, accumulation) for accumulation in (1, 2) for parallel in ("ddp", "fsdp")]
-    jobs = [(dataclasses.replace(cfg, parallel=parallel, accumulation_steps=accumulation),
-             tmp_path / f"{parallel}-{accumulation}", False, None) for parallel, accumulation in runs]
+    """2 ranks × b (DDP and FSDP2) give the loss of 1 process × 2b at every one of 20 steps, accumulating or not.
+
+    FSDP once more with activation checkpointing (each block recomputed in backward, its weights gathered again).
+    """
+    runs = [("ddp", 1, False), ("fsdp", 1, False), ("ddp", 2, False), ("fsdp", 2, False), ("fsdp", 1, True)]
+    jobs = [(dataclasses.replace(cfg, parallel=parallel, accumulation_steps=accumulation,
+                                 activation_checkpointing=recompute),
+             tmp_path / f"{parallel}-{accumulation}-{recompute}", False, None)
+            for parallel, accumulation, recompute in runs]
     results = run_ranks(2, *jobs)
-    assert [r[0]["main"] for r in results] == [True, False] and results[0][0]["batch"] == cfg.batch_size // 2
+    rank0, rank1 = results
+    assert [r["main"] for r in rank0] == [True] * 5 and [r["main"] for r in rank1] == [False] * 5
+    assert all(r["batch"] == cfg.batch_size // 2 and r["optimizer"] == "ForeachAdamW" for r in rank0)
+    for (parallel, _, _), r0, r1 in zip(runs, rank0, rank1, strict=True):
+        if parallel == "ddp":  # every rank holds the whole model
+            assert r0["local_params"] == r1["local_params"] == r0["params"]
+        else:  # each rank holds about half of every tensor (dim 0 split in 2, rounded up)
+            assert r0["local_params"] + r1["local_params"] == r0["params"] and r1["local_params"] <= r0["params"] // 2
+    references = {}
     for accumulation in (1, 2):
         one = tmp_path / f"one-{accumulation}"
-        reference = one_process(dataclasses.replace(cfg, accumulation_steps=accumulation), one)
-        assert sorted(reference) == list(range(1, STEPS + 1))
-        assert reference[STEPS] < reference[1] - 0.5  # it learned: the comparison is not between two flat lines
-        for parallel in ("ddp", "fsdp"):
-            run = tmp_path / f"{parallel}-{accumulation}"
-            got = losses(run)
-            assert sorted(got) == sorted(reference)  # rank 0 alone logs: one record per step
-            diff = max(abs(got[s] - reference[s]) for s in reference)
-            weights = max_weight_difference(run, one)
-            print(f"{parallel}, accumulation {accumulation}: max |loss difference| over {STEPS} steps = {diff:.2e}, "
-                  f"final weights {weights:.2e}")
-            assert diff < TOL and weights < 1e-4, (parallel, accumulation, diff, weights)
+        references[accumulation] = one_process(dataclasses.replace(cfg, accumulation_steps=accumulation), one)
+        assert sorted(references[accumulation]) == list(range(1, STEPS + 1))
+        assert references[accumulation][STEPS] < references[accumulation][1] - 0.5  # it learned: not flat lines
+    for parallel, accumulation, recompute in runs:
+        run, reference = tmp_path / f"{parallel}-{accumulation}-{recompute}", references[accumulation]
+        got = losses(run)
+        assert sorted(got) == sorted(reference)  # rank 0 alone logs: one record per step
+        diff = max(abs(got[s] - reference[s]) for s in reference)
+        weights = max_weight_difference(run, tmp_path / f"one-{accumulation}")
+        print(f"{parallel}, accumulation {accumulation}{', activation checkpointing' if recompute else ''}: "
+              f"max |loss difference| over {STEPS} steps = {diff:.2e}, final weights {weights:.2e}")
+        assert diff < TOL and weights < 1e-4, (parallel, accumulation, diff, weights)
 
 
 # ---------------------------------------------------------------------- checkpoints across rank counts
 
 
 def test_resume_across_rank_counts_and_layouts(cfg, tmp_path):
-    """One run, stopped and resumed in other layouts: 1 process, 2 FSDP ranks, 2 DDP, 2 FSDP, 1 FSDP, 1 process.
+    """One run, stopped and resumed in other layouts: 1 process, 2 FSDP ranks, 2 DDP, 2 FSDP, 4 FSDP, 1 process.
 
     Each stop writes the checkpoint its layout writes (checkpoint.pt, or DCP's
     checkpoint.dcp when sharded) and the next session resumes it with another
@@ -119,9 +136,9 @@ def test_resume_across_rank_counts_and_layouts(cfg, tmp_path):
     assert (run / DCP_CHECKPOINT / ".metadata").is_file() and not (run / "checkpoint.pt").exists()
     meta = dcp_checkpoint.read_meta(run / DCP_CHECKPOINT)
     assert meta["step"] == 14 and meta["world_size"] == 2 and len(meta["rng_states"]) == 2
-    run_ranks(1, (fsdp, run, True, 17))  # DCP 2 shards -> 1 FSDP rank -> DCP, 1 shard
-    assert dcp_checkpoint.read_meta(run / DCP_CHECKPOINT)["world_size"] == 1
-    Trainer(cfg, run, progress=False).train(resume=True)  # DCP -> 1 process without a process group, to the end
+    run_ranks(4, (fsdp, run, True, 17))  # DCP 2 shards -> 4 FSDP ranks (one sequence each) -> DCP, 4 shards
+    assert dcp_checkpoint.read_meta(run / DCP_CHECKPOINT)["world_size"] == 4
+    Trainer(cfg, run, progress=False).train(resume=True)  # DCP 4 shards -> 1 process, no process group, to the end
     assert (run / "checkpoint.pt").is_file() and not (run / DCP_CHECKPOINT).exists()
     got = losses(run)
     assert sorted(got) == sorted(reference)  # every step logged once, across the six sessions

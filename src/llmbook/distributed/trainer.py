@@ -128,14 +128,14 @@ class DistributedTrainer(Trainer):
         """DDP around the model, or FSDP2 on each block and then the root; then dropout's seed becomes seed + rank."""
         if self.sharded:
             mesh = init_device_mesh(self.device.type, (self.world_size,))
-            for block in model.blocks:  # one all-gather per block: only one block's full weights at a time
+            for block in model.blocks:  # each block's weights gathered just before it runs, freed after
                 fully_shard(block, mesh=mesh)
             fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, head (tied to the embedding)
-            wrapped = self._ddp = model
+            wrapped = model  # in place: its parameters are now DTensors, this rank's shards of the weights
         else:
             device_ids = [torch.cuda.current_device()] if self.device.type == "cuda" else None
             wrapped = self._ddp = DistributedDataParallel(model, device_ids=device_ids)
-        torch.manual_seed(self.cfg.seed + self.rank)  # dropout: different units dropped on each rank
+        torch.manual_seed(self.cfg.seed + self.rank)  # dropout: each rank drops different units
         return torch.compile(wrapped) if self.cfg.compile else wrapped
 
     def get_batch(self, step: int, micro: int) -> tuple[Tensor, Tensor]:
