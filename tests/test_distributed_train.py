@@ -51,11 +51,12 @@ def _train_rank(rank: int, world_size: int, jobs: list[tuple], cache: str) -> li
     results = []
     for cfg_dict, run_dir, resume, stop_at in jobs:
         trainer = DistributedTrainer(TrainConfig(**cfg_dict), run_dir, progress=False)
+        dropout_seed = torch.initial_seed()  # the seed of the generator dropout draws from
         trainer.train(resume=resume, stop_at=stop_at, overwrite=not resume)
         local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in trainer.params)
         results.append({"step": trainer.step, "main": trainer.is_main, "batch": trainer.local_batch,
                         "optimizer": type(trainer.optimizer).__name__, "local_params": local,
-                        "params": trainer.raw_model.num_params()})
+                        "params": trainer.raw_model.num_params(), "dropout_seed": dropout_seed})
     return results
 
 
@@ -93,6 +94,7 @@ def test_two_ranks_follow_one_process(cfg, tmp_path):
     rank0, rank1 = results
     assert [r["main"] for r in rank0] == [True] * 5 and [r["main"] for r in rank1] == [False] * 5
     assert all(r["batch"] == cfg.batch_size // 2 and r["optimizer"] == "ForeachAdamW" for r in rank0)
+    assert {r["dropout_seed"] for r in rank0} == {cfg.seed} and {r["dropout_seed"] for r in rank1} == {cfg.seed + 1}
     for (parallel, _, _), r0, r1 in zip(runs, rank0, rank1, strict=True):
         if parallel == "ddp":  # every rank holds the whole model
             assert r0["local_params"] == r1["local_params"] == r0["params"]
@@ -215,3 +217,19 @@ def test_torchrun_trains_with_fsdp(cfg, tmp_path):
     model, _ = load_model(run)
     assert sum(p.numel() for p in model.parameters()) == json.loads((run / "summary.json").read_text())["params"]
     assert (run / DCP_CHECKPOINT / ".metadata").is_file()
+
+
+def test_resume_with_dropout_is_exact(cfg, tmp_path):
+    """With dropout, each rank draws its own masks (seed + rank) and gets its own RNG state back on resume.
+
+    So a run stopped and resumed on as many ranks follows the uninterrupted run exactly, dropout and all.
+    """
+    noisy = dataclasses.replace(cfg, parallel="fsdp", model_overrides={"dropout": 0.1}, max_steps=8)
+    run_ranks(2, (noisy, tmp_path / "straight", False, None), (noisy, tmp_path / "stopped", False, 4),
+              (noisy, tmp_path / "stopped", True, None))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert sorted(resumed) == sorted(straight) == list(range(1, 9))
+    assert resumed == straight, max(abs(resumed[s] - straight[s]) for s in straight)
+    dropless = one_process(dataclasses.replace(noisy, parallel="none", model_overrides={"dropout": 0.0}),
+                           tmp_path / "dropless")
+    assert all(straight[s] != dropless[s] for s in range(2, 9))  # dropout really was on
