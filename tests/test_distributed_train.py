@@ -233,3 +233,17 @@ def test_resume_with_dropout_is_exact(cfg, tmp_path):
     dropless = one_process(dataclasses.replace(noisy, parallel="none", model_overrides={"dropout": 0.0}),
                            tmp_path / "dropless")
     assert all(straight[s] != dropless[s] for s in range(2, 9))  # dropout really was on
+
+
+def test_torchrun_error_is_one_line_from_rank_0(cfg, tmp_path):
+    """Both ranks refuse a batch they cannot split; rank 0 alone says so, in one line (torchrun adds its report)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "llmbook.train", "--config", "tiny", "--out", str(tmp_path / "runs"), "--no-progress",
+               "--set", f"dataset={cfg.dataset}", "parallel=ddp", "batch_size=5"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=os.environ.copy())
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert ours == ["error: batch_size=5 is the global batch and 2 ranks cannot share it evenly: set batch_size to "
+                    "a multiple of 2 (e.g. --set batch_size=4)"]
+    assert "exitcode  : 2" in result.stderr  # both ranks exited with the same code, and no rank's traceback shows:
+    assert not [line for line in result.stderr.splitlines() if 'File "' in line and "/llmbook/" in line]
