@@ -17,7 +17,9 @@ Chapter 7's ``Trainer`` through the methods it left for the purpose:
 - ``no_sync``: gradients are synchronised once per optimizer step, on the
   last micro-batch (DDP's ``no_sync()``, FSDP2's ``set_requires_gradient_sync``).
 - ``optimizer_step``: with FSDP the gradients are DTensor shards; PyTorch's
-  ``clip_grad_norm_`` computes their norm over all ranks.
+  ``clip_grad_norm_`` computes their norm over all ranks. The optimizer stays
+  the book's ``ForeachAdamW``: its ``torch._foreach_*`` calls accept DTensors
+  and work shard by shard, so each rank keeps AdamW's moments for its shards only.
 - ``forward_backward`` returns the loss averaged over the ranks, so what is
   logged (and checked for NaN) is the global batch's loss, the same on every rank.
 
@@ -25,6 +27,9 @@ Seeds: every rank builds the model from ``cfg.seed`` (identical weights; DDP
 broadcasts rank 0's anyway), then reseeds its dropout generator with
 ``cfg.seed + rank``, so ranks drop different units, as different processes
 of one big batch should. Batches do not depend on the rank's generator.
+Checkpoints keep every rank's generator state; resumed on as many ranks,
+each gets its own back (exact, dropout included); on another number of
+ranks each is reseeded from ``(seed, rank, step)``.
 
 Rank 0 alone writes files, prints and shows the progress bar. Evaluation and
 sampling run on every rank: with FSDP every forward is a collective (the
@@ -37,6 +42,13 @@ rank writes its shards with ``torch.distributed.checkpoint`` into
 ``checkpoint.dcp`` (``llmbook.distributed.dcp_checkpoint``). Either resumes
 with any number of ranks and either ``parallel`` (and with ``parallel="none"``).
 The final ``model.pt`` is always the single file ``load_model`` reads.
+
+Stopping: a signal reaches the ranks at different moments, so they agree at
+every step (one tiny all-reduce) and all stop after the same one, then save.
+After an error on one rank nothing is saved (a save needs every rank, and
+the others may never arrive); ``torchrun`` stops the other ranks, and only
+rank 0 prints, one line. fp16 is refused with FSDP: each rank's GradScaler
+would see only its own shard's overflow; use bf16.
 """
 
 from __future__ import annotations
