@@ -247,3 +247,25 @@ def test_torchrun_error_is_one_line_from_rank_0(cfg, tmp_path):
                     "a multiple of 2 (e.g. --set batch_size=4)"]
     assert "exitcode  : 2" in result.stderr  # both ranks exited with the same code, and no rank's traceback shows:
     assert not [line for line in result.stderr.splitlines() if 'File "' in line and "/llmbook/" in line]
+
+
+def _diverge_rank(rank: int, world_size: int, cfg_dict: dict, run_dir: str, cache: str) -> tuple[str, int]:
+    os.environ["LLMBOOK_CACHE_DIR"] = cache
+    from llmbook.distributed.trainer import DistributedTrainer
+    from llmbook.errors import DivergedError
+
+    trainer = DistributedTrainer(TrainConfig(**cfg_dict), run_dir, progress=False)
+    try:
+        trainer.train()
+    except DivergedError as exc:
+        return str(exc), trainer.step
+    return "no error", trainer.step
+
+
+def test_divergence_stops_every_rank_at_the_same_step(cfg, tmp_path):
+    """A NaN is found by every rank at the same step (the loss is averaged, the weight check all-reduced): no hang."""
+    wild = dataclasses.replace(cfg, parallel="fsdp", lr=1e4, grad_clip=0.0, checkpoint_interval=2)
+    (message0, step0), (message1, step1) = spawn(_diverge_rank, 2, dataclasses.asdict(wild), str(tmp_path / "run"),
+                                                 os.environ["LLMBOOK_CACHE_DIR"])
+    assert message0 == message1 and step0 == step1 < STEPS and "training diverged" in message0
+    assert "checkpoint.dcp" in message0  # the last good checkpoint it names is the sharded one
