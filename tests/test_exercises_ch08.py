@@ -33,7 +33,12 @@ def _ring(tensor, average=False, mistake=None):
     if mistake == "collective":
         dist.all_reduce(tensor)
         return tensor
-    flat = tensor.reshape(-1).clone() if mistake == "copy" else tensor.view(-1)
+    if mistake == "copy":
+        flat = tensor.reshape(-1).clone()
+    elif mistake == "view" or tensor.is_contiguous():
+        flat = tensor.view(-1)  # fails on a tensor that is not contiguous
+    else:
+        flat = tensor.contiguous().view(-1)
     chunks = torch.tensor_split(flat, p)
 
     def exchange(send, receive_into):
@@ -54,6 +59,8 @@ def _ring(tensor, average=False, mistake=None):
     for step in range(p - 1):
         i, j = (rank + gather_shift - step) % p, (rank - step) % p
         chunks[j].copy_(exchange(chunks[i], chunks[j]))
+    if not tensor.is_contiguous() and mistake != "copy":
+        tensor.copy_(flat.view(tensor.shape))
     if average and mistake != "no_average":
         tensor.div_(p)
     return tensor
@@ -81,6 +88,7 @@ def test_ring_starter_is_not_attempted(capsys):
     ("gather_index", "hold the sum"),
     ("neighbour", "(r + 1) % p"),
     ("collective", "called dist.all_reduce"),
+    ("view", "not contiguous"),
 ])
 def test_ring_mistakes_are_named(mistake, hint):
     with pytest.raises(AssertionError, match=None) as info:

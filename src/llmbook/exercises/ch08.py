@@ -27,13 +27,14 @@ from llmbook.exercises import exercise
 # 8.1 the ring all-reduce, by the reader, on 2 and 4 ranks
 # ---------------------------------------------------------------------------
 
-_RING_CASES = [  # (what, shape, average)
+_RING_CASES = [  # (what, shape, average); a shape (rows, cols, "T") is the transpose of a (cols, rows) tensor
     ("12 values (divisible by p)", (12,), False),
     ("10 values (uneven chunks on 4 ranks)", (10,), False),
     ("a 3 x 5 matrix", (3, 5), False),
     ("1,001 values", (1001,), False),
     ("12 values with average=True", (12,), True),
     ("10 values with average=True", (10,), True),
+    ("a transposed 6 x 4 matrix (not contiguous: .view(-1) fails)", (4, 6, "T"), False),
 ]
 _BLOCKED = ("all_reduce", "reduce_scatter", "reduce_scatter_tensor", "all_gather", "all_gather_into_tensor",
             "broadcast", "reduce", "all_to_all", "all_to_all_single")
@@ -71,14 +72,14 @@ def _ring_rank(rank: int, world_size: int, ring_all_reduce) -> dict:
     p = world_size
     for i, (what, shape, average) in enumerate(_RING_CASES):
         g = torch.Generator().manual_seed(8100 + 97 * i + rank)
-        mine = torch.randn(shape, generator=g)
+        mine = torch.randn(shape[:2], generator=g).t() if "T" in shape else torch.randn(shape, generator=g)
         gathered = [torch.empty_like(mine) for _ in range(p)]
         dist.all_gather(gathered, mine)  # every rank's input, to build the answers of the usual mistakes
         expected = mine.clone()
         dist.all_reduce(expected)
         if average:
             expected /= p
-        tensor = mine.clone()
+        tensor = mine.clone().t().contiguous().t() if "T" in shape else mine.clone()  # clone keeps the strides
         saved = {name: getattr(dist, name) for name in _BLOCKED if hasattr(dist, name)}
 
         def refuse(*args, _name="", **kwargs):
@@ -121,7 +122,11 @@ def check_ring_all_reduce(ring_all_reduce, timeout_s: float = 60.0):
         except RankError as exc:
             if exc.error_type == "NotImplementedError":
                 raise NotImplementedError from None
-            raise AssertionError(f"ring_all_reduce failed on rank {exc.rank} of {p}: {exc.error_type}\n"
+            hint = ""
+            if "view size is not compatible" in exc.rank_traceback:
+                hint = ("\nHint: a tensor that is not contiguous (a transposed matrix) has no flat view; work on "
+                        "tensor.contiguous() and copy the result back into tensor at the end\n")
+            raise AssertionError(f"ring_all_reduce failed on rank {exc.rank} of {p}: {exc.error_type}{hint}\n"
                                  f"{exc.rank_traceback}") from None
         for r in results:
             if r["error"]:
