@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from llmbook.checkpoint import load_checkpoint
 from llmbook.distributed import dcp_checkpoint
 from llmbook.distributed.launcher import spawn
+from llmbook.errors import RunError
 from llmbook.train import DCP_CHECKPOINT, TrainConfig, Trainer, load_model, main, read_jsonl
 
 STEPS = 20
@@ -121,7 +122,7 @@ def test_two_ranks_follow_one_process(cfg, tmp_path):
 
 
 def test_resume_across_rank_counts_and_layouts(cfg, tmp_path):
-    """One run, stopped and resumed in other layouts: 1 process, 2 FSDP ranks, 2 DDP, 2 FSDP, 4 FSDP, 1 process.
+    """One run, stopped and resumed in other layouts: 1 process, 2 FSDP ranks, 2 DDP, 2 FSDP, 4 FSDP, 1 DDP rank.
 
     Each stop writes the checkpoint its layout writes (checkpoint.pt, or DCP's
     checkpoint.dcp when sharded) and the next session resumes it with another
@@ -140,7 +141,9 @@ def test_resume_across_rank_counts_and_layouts(cfg, tmp_path):
     assert meta["step"] == 14 and meta["world_size"] == 2 and len(meta["rng_states"]) == 2
     run_ranks(4, (fsdp, run, True, 17))  # DCP 2 shards -> 4 FSDP ranks (one sequence each) -> DCP, 4 shards
     assert dcp_checkpoint.read_meta(run / DCP_CHECKPOINT)["world_size"] == 4
-    Trainer(cfg, run, progress=False).train(resume=True)  # DCP 4 shards -> 1 process, no process group, to the end
+    with pytest.raises(RunError, match="resume it with --set parallel=fsdp"):  # Chapter 7's trainer: one line
+        Trainer(cfg, run, progress=False).train(resume=True)
+    run_ranks(1, (ddp, run, True, None))  # DCP 4 shards -> 1 process, to the end -> checkpoint.pt
     assert (run / "checkpoint.pt").is_file() and not (run / DCP_CHECKPOINT).exists()
     got = losses(run)
     assert sorted(got) == sorted(reference)  # every step logged once, across the six sessions

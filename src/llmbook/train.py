@@ -313,19 +313,21 @@ class Trainer:
         return self.run_dir / "checkpoint.pt"
 
     def resume_file(self) -> Path | None:
-        """The checkpoint to resume: ``checkpoint.pt`` or a sharded run's ``checkpoint.dcp``, the newer; or None."""
-        found = [path for path in (self.run_dir / "checkpoint.pt", self.run_dir / DCP_CHECKPOINT) if path.exists()]
-        return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
+        """The checkpoint to resume, ``checkpoint.pt``, or None; Chapter 8's trainer also reads ``checkpoint.dcp``."""
+        path = self.run_dir / "checkpoint.pt"
+        if not path.is_file() and (self.run_dir / DCP_CHECKPOINT).is_dir():
+            raise RunError(f"{self.run_dir} holds a sharded checkpoint ({DCP_CHECKPOINT}) of a parallel='fsdp' run: "
+                           "resume it with --set parallel=fsdp (one process, or torchrun with any number of ranks)")
+        return path if path.is_file() else None
+
+    def read_training_state(self, path: Path) -> dict:
+        """The checkpoint's contents (on the CPU: ``load_state_dict`` copies them to the model's device)."""
+        return checkpoint.load_checkpoint(path)
 
     def load_training_state(self, state: dict, path: Path) -> None:
         """Put a checkpoint's weights and AdamW moments into the model and optimizer (Chapter 8 shards them)."""
-        if path.name == DCP_CHECKPOINT:  # written by a sharded run (Chapter 8): DCP reads it into any layout
-            from llmbook.distributed import dcp_checkpoint
-
-            dcp_checkpoint.load_sharded(path, self.raw_model, self.optimizer)
-        else:
-            self.raw_model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def save_checkpoint(self) -> Path | None:
         """Write ``checkpoint.pt`` (atomic, checksummed); never NaN weights over a good checkpoint."""
@@ -339,16 +341,11 @@ class Trainer:
         return path
 
     def restore(self) -> bool:
-        """Load the run folder's ``checkpoint.pt`` (or ``checkpoint.dcp``) if there is one; False when there is none."""
+        """Load the run folder's checkpoint (``resume_file``) if there is one; False when there is none."""
         path = self.resume_file()
         if self._restored or path is None:
             return self._restored
-        if path.name == DCP_CHECKPOINT:
-            from llmbook.distributed import dcp_checkpoint
-
-            state = dcp_checkpoint.read_meta(path)  # step, config, RNG; the tensors come in load_training_state
-        else:
-            state = checkpoint.load_checkpoint(path)  # on the CPU: load_state_dict copies to the model's device
+        state = self.read_training_state(path)
         if state.get("model_config") != asdict(self.model_config):
             raise ValueError(f"{path} holds a different model ({state.get('model_config')}); train it in a new "
                              "folder (another name or --out) or drop --resume")

@@ -78,6 +78,18 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+def recover_interrupted_save(folder: Path | str) -> None:
+    """Put back the previous checkpoint if a save crashed between its two renames (rank 0 only).
+
+    A save moves the old folder aside (``.NAME.old``), then the new one into
+    place; a crash in between leaves only the old one, under its other name.
+    """
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if old.is_dir() and not folder.exists():
+        os.replace(old, folder)
+
+
 def save_sharded(folder: Path | str, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> Path:
     """Write model and optimizer with DCP into ``folder`` (every rank calls this), plus ``meta`` (rank 0), atomically.
 
@@ -89,6 +101,7 @@ def save_sharded(folder: Path | str, model: nn.Module, optimizer: torch.optim.Op
     old = folder.with_name(f".{folder.name}.old")
     if _is_rank0():
         shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that crashed
+        recover_interrupted_save(folder)  # never delete the only good checkpoint as "old" below
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     try:

@@ -247,10 +247,24 @@ class DistributedTrainer(Trainer):
         self.checkpoint_step = self.step
         return path
 
+    def resume_file(self) -> Path | None:
+        """``checkpoint.pt`` or ``checkpoint.dcp``, whichever is newer (saving one removes the other); or None."""
+        if self.is_main:
+            dcp_checkpoint.recover_interrupted_save(self.run_dir / DCP_CHECKPOINT)
+        dist.barrier()
+        found = [path for path in (self.run_dir / "checkpoint.pt", self.run_dir / DCP_CHECKPOINT) if path.exists()]
+        return max(found, key=lambda path: path.stat().st_mtime_ns) if found else None
+
+    def read_training_state(self, path: Path) -> dict:
+        """A sharded checkpoint's metadata (step, config, RNG; the tensors come in ``load_training_state``)."""
+        return dcp_checkpoint.read_meta(path) if path.name == DCP_CHECKPOINT else super().read_training_state(path)
+
     def load_training_state(self, state: dict, path: Path) -> None:
         """DCP reads any layout; a single-file checkpoint is read whole by every rank, which keeps its shards."""
         self._resume_rngs = state.get("rng_states")
-        if self.sharded and path.name != DCP_CHECKPOINT:
+        if path.name == DCP_CHECKPOINT:
+            dcp_checkpoint.load_sharded(path, self.raw_model, self.optimizer)
+        elif self.sharded:
             dcp_checkpoint.load_full(self.raw_model, self.optimizer, state)
         else:
             super().load_training_state(state, path)
