@@ -123,9 +123,9 @@ def collectives_demo(rank: int, world_size: int) -> dict[str, list[float]]:
     reduced = mine.clone()
     dist.all_reduce(reduced)  # everyone gets the elementwise sum
     scattered = torch.zeros(1)
-    dist.reduce_scatter_tensor(scattered, mine.clone())  # rank r gets element r of the sum
+    dist.reduce_scatter_single(scattered, mine.clone())  # rank r gets element r of the sum
     gathered = torch.zeros(p * p)
-    dist.all_gather_into_tensor(gathered, mine)  # everyone gets all tensors, concatenated in rank order
+    dist.all_gather_single(gathered, mine)  # everyone gets all tensors, concatenated in rank order
     return {"input": mine.tolist(), "broadcast": broadcast.tolist(), "all_reduce": reduced.tolist(),
             "reduce_scatter": scattered.tolist(), "all_gather": gathered.tolist()}
 

@@ -134,7 +134,6 @@ def _measure_one(strategy: str, cfg: ModelConfig, rank: int, batch_size: int, pe
     from llmbook.distributed.ddp import DataParallel
     from llmbook.distributed.fsdp import FullyShardedModel
     from llmbook.distributed.zero import ZeroOptimizer
-    from llmbook.kernels.memory import peak_memory
     from llmbook.optim import AdamW
 
     torch.manual_seed(0)
@@ -158,6 +157,8 @@ def _measure_one(strategy: str, cfg: ModelConfig, rank: int, batch_size: int, pe
     step()  # the first step creates the optimizer states
     opt.zero_grad(set_to_none=True)
     if peak:  # the most bytes alive during a whole step: resident weights and states + what the step allocates
+        from llmbook.kernels.memory import peak_memory  # the profiler: seconds to import, only when asked
+
         resident = storage_bytes(_optimizer_tensors(opt))  # the weights are added below (unchanged by a step)
         _, above = peak_memory(step)
     else:

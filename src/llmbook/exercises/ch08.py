@@ -36,7 +36,8 @@ _RING_CASES = [  # (what, shape, average); a shape (rows, cols, "T") is the tran
     ("10 values with average=True", (10,), True),
     ("a transposed 6 x 4 matrix (not contiguous: .view(-1) fails)", (4, 6, "T"), False),
 ]
-_BLOCKED = ("all_reduce", "reduce_scatter", "reduce_scatter_tensor", "all_gather", "all_gather_into_tensor",
+_BLOCKED = ("all_reduce", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "all_gather",
+            "all_gather_into_tensor", "all_gather_single",
             "broadcast", "reduce", "all_to_all", "all_to_all_single")
 
 
