@@ -149,3 +149,17 @@ def test_padding_changes_no_loss_and_no_logit(seed_and_one_thread, tok, preset):
 
 def test_collate_doctests():
     assert doctest.testmod(collate_module).failed == 0
+
+
+def test_segment_wise_ids_equal_whole_text_ids_with_gpt2_on_instruction_data():
+    """With GPT-2's tokenizer no merge straddles a template boundary on these records: the ids are the usual ones."""
+    try:
+        gpt2 = add_special_tokens(Tokenizer.from_tiktoken("gpt2"), CHATML_SPECIAL_TOKENS)
+    except data.DataNotFoundError as error:
+        pytest.skip(str(error))
+    assert gpt2.special_tokens == {ENDOFTEXT: 50256, "<|im_start|>": 50257, "<|im_end|>": 50258}
+    for record in json.loads(data.path("instruction-data").read_text())[::5]:
+        messages = from_alpaca(record)
+        for template in (ALPACA, CHATML):
+            ids = tokenize_example(gpt2, messages, template, max_len=1024).input_ids
+            assert ids == gpt2.encode(template.apply_template(messages), allowed_special="all")
