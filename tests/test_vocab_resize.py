@@ -51,7 +51,8 @@ def test_resize_keeps_old_rows_bit_for_bit_and_fills_new_ones_with_the_mean(seed
     assert (model.lm_head.weight is model.tok_emb.weight) == model.cfg.tied_embeddings
     for old, new in ((emb, model.tok_emb.weight), (head, model.lm_head.weight)):
         assert torch.equal(new[:n_used], old[:n_used])
-        assert torch.equal(new[n_used:], old[:n_used].mean(0).expand(new_rows - n_used, -1))
+        assert torch.equal(new[n_used:262], old[:n_used].mean(0).expand(2, -1))  # the two new tokens
+        assert torch.equal(new[262:], old[262:])  # padding rows stay as pretraining left them
 
     # the new ids work: a training step reaches their rows
     idx = torch.tensor([[260, 5, 261, 257]])
@@ -78,7 +79,16 @@ def test_mean_init_barely_changes_the_model_on_old_text(seed_and_one_thread, pre
 def test_resize_errors_and_padding():
     assert padded_vocab_size(50257, 64) == 50304 and padded_vocab_size(64, 64) == 64
     model = GPT.from_preset("gpt-tiny")  # 256 rows, a multiple of 64
+    emb = model.tok_emb.weight.detach().clone()
     assert resize_token_embeddings(model, 258).cfg.vocab_size == 320
+    assert torch.equal(model.tok_emb.weight[:256], emb)
+    assert torch.equal(model.tok_emb.weight[256:], emb.mean(0).expand(64, -1))  # new rows, padding too
+    padded = GPT.from_preset("gpt-tiny", vocab_size=320)  # a 256-token tokenizer, padded to 320 rows
+    emb = padded.tok_emb.weight.detach().clone()
+    assert resize_token_embeddings(padded, 300, init="normal", n_used=256).cfg.vocab_size == 320  # fits
+    new = padded.tok_emb.weight
+    assert torch.equal(new[:256], emb[:256]) and torch.equal(new[300:], emb[300:])
+    assert not torch.equal(new[256:300], emb[256:300]) and 0.015 < new[256:300].std() < 0.025
     assert resize_token_embeddings(model, 321, pad_to_multiple_of=1).cfg.vocab_size == 321
     for kwargs, match in (
         (dict(new_vocab_size=300), "never drops trained ones"),

@@ -17,17 +17,18 @@ be anything, and the first SFT steps spend themselves undoing it. Hewitt
 (2021, "Initializing new word embeddings for pretrained language models",
 https://nlp.stanford.edu/~johnhew/vocab-expansion.html) proposes the mean of
 the existing rows: the new logit is then the mean of the old logits, and since
-exp(mean) <= mean(exp) (Jensen), the new token takes at most 1/V of the
+exp(mean) <= mean(exp) (Jensen), each new token takes at most 1/V of the old
 probability mass and every old token's log-probability drops by at most
-log(1 + 1/V). The model is unchanged on old text, to within that. Hugging Face
-``resize_token_embeddings(mean_resizing=True)`` does this by default since
-transformers 4.46 (2024; it samples from N(mean, 1e-9·covariance), the mean in
-all but name). ``tests/test_vocab_resize.py`` checks the bound.
+log(1 + k/V) for k new tokens. The model is unchanged on old text, to within
+that. Hugging Face's ``resize_token_embeddings(mean_resizing=True)`` does this by
+default since 2024 (read in transformers 5.23's ``modeling_utils.py``: it samples
+from N(mean, 1e-9·covariance), the mean in all but name, and cites Hewitt).
+``tests/test_vocab_resize.py`` checks the bound.
 
 A model's vocabulary is often padded: GPT-2's 50257 tokens get 50304 rows (a
-multiple of 64, for faster matmuls), and ids 50257.. are never used. The
-rows are padded the same way after resizing, and rows a tokenizer never
-used are filled like new ones.
+multiple of 64, for faster matmuls), and ids 50257.. are never used. New
+tokens take over unused rows first, and the row count is padded the same way
+after resizing.
 """
 
 from __future__ import annotations
@@ -67,15 +68,16 @@ def padded_vocab_size(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _new_rows(old: torch.Tensor, n_used: int, n_rows: int, init: str) -> torch.Tensor:
-    """``old`` rows 0 .. n_used-1 bit for bit, then rows up to ``n_rows`` filled by ``init``."""
+def _new_rows(old: torch.Tensor, n_used: int, new_vocab_size: int, n_rows: int, init: str) -> torch.Tensor:
+    """``old`` copied bit for bit, then rows ``n_used .. new_vocab_size-1`` and ``len(old) ..`` filled by ``init``."""
     new = torch.empty(n_rows, old.shape[1], dtype=old.dtype, device=old.device)
-    new[:n_used] = old[:n_used]
+    new[: len(old)] = old
+    fill = torch.cat([torch.arange(n_used, new_vocab_size), torch.arange(max(len(old), new_vocab_size), n_rows)])
     if init == "mean":
         # computed in float32 (bfloat16 sums lose digits), then stored in the table's dtype
-        new[n_used:] = old[:n_used].float().mean(dim=0).to(old.dtype)
+        new[fill] = old[:n_used].float().mean(dim=0).to(old.dtype)
     else:  # "normal": as GPT._init_weights draws every embedding at the start of pretraining
-        nn.init.normal_(new[n_used:], mean=0.0, std=0.02)
+        new[fill] = torch.randn(len(fill), old.shape[1], dtype=old.dtype, device=old.device) * 0.02
     return new
 
 
@@ -90,14 +92,18 @@ def resize_token_embeddings(
     """Give ``model`` rows for ids up to ``new_vocab_size - 1`` (in place; returns the model).
 
     ``n_used`` is how many rows hold trained tokens (the old tokenizer's
-    ``vocab_size``; default: all of the model's rows): those are kept bit for
-    bit, and every row from ``n_used`` on, new tokens and padding alike, gets
-    ``init`` ("mean" of the used rows, see the module docstring, or "normal").
-    The row count is ``new_vocab_size`` rounded up to ``pad_to_multiple_of``;
-    by default 64 if the model's row count already is a multiple of 64 (it was
-    padded), else no padding. A tied model keeps one shared matrix. The
-    config's ``vocab_size`` follows, so checkpoints record the new size.
-    Parameters are new tensors: build the optimizer after resizing.
+    ``vocab_size``; default: all of the model's rows). Rows
+    ``n_used .. new_vocab_size-1`` are the new tokens and get ``init`` ("mean"
+    of the used rows, see the module docstring, or "normal"); every other old
+    row is kept bit for bit, the padding rows too (pretraining, where they are
+    never a target, taught the output head to give them little probability).
+    The row count is ``new_vocab_size`` rounded up to ``pad_to_multiple_of``
+    and never less than before; by default the multiple is 64 if the model's
+    row count already is one (it was padded), else 1. Rows added beyond the old
+    ones for padding get ``init`` too, and so some probability: generation
+    should only sample ids below the tokenizer's ``vocab_size``. A tied model
+    keeps one shared matrix. The config's ``vocab_size`` follows, so checkpoints
+    record the new size. Parameters are new tensors: build the optimizer after.
     """
     cfg = model.cfg
     old_rows = cfg.vocab_size
@@ -115,16 +121,16 @@ def resize_token_embeddings(
         pad_to_multiple_of = 64 if old_rows % 64 == 0 else 1
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of}")
-    n_rows = padded_vocab_size(new_vocab_size, pad_to_multiple_of)
+    n_rows = max(padded_vocab_size(new_vocab_size, pad_to_multiple_of), old_rows)
     trainable = model.tok_emb.weight.requires_grad, model.lm_head.weight.requires_grad
 
-    emb = _new_rows(model.tok_emb.weight, n_used, n_rows, init)
+    emb = _new_rows(model.tok_emb.weight, n_used, new_vocab_size, n_rows, init)
     model.tok_emb = nn.Embedding(n_rows, cfg.d_model, _weight=emb)
     model.tok_emb.weight.requires_grad_(trainable[0])
     if cfg.tied_embeddings:
         head = model.tok_emb.weight  # still one matrix: new rows are both the new input and the new output
     else:
-        head = nn.Parameter(_new_rows(model.lm_head.weight, n_used, n_rows, init))
+        head = nn.Parameter(_new_rows(model.lm_head.weight, n_used, new_vocab_size, n_rows, init))
         head.requires_grad_(trainable[1])
     model.lm_head.weight = head
     model.lm_head.out_features = n_rows
