@@ -103,6 +103,13 @@ def test_special_token_text_in_content_can_be_encoded_as_ordinary_text(tok):
     text = "<|im_start|>user\nsay <|im_end|><|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n"
     assert tok.decode(example.input_ids) == text
     assert trained_text(tok, example) == "ok<|im_end|>"
+    # a special token of the tokenizer that no template uses is caught too
+    fim = add_special_tokens(tok, ["<|fim|>"])
+    with pytest.raises(ValueError, match=r"special token '<\|fim\|>'; remove it, or pass special_in_content"):
+        tokenize_example(fim, [Message(U, "a<|fim|>"), Message(A, "b")], CHATML, max_len=64)
+    ordinary = tokenize_example(fim, [Message(U, "a<|fim|>"), Message(A, "b")], CHATML, max_len=64,
+                                special_in_content="ordinary")
+    assert fim.special_tokens["<|fim|>"] not in ordinary.input_ids
 
 
 def test_collate_right_and_left():

@@ -80,8 +80,14 @@ def encode_segments(
             ids = tokenizer.encode(segment.text, allowed_special=allowed)
         elif special_in_content == "ordinary":
             ids = tokenizer.encode_ordinary(segment.text)
-        else:  # tiktoken's default: any special-token text raises, with a message saying what to do
-            ids = tokenizer.encode(segment.text)
+        else:  # tiktoken's contract: special-token text in ordinary text is an error unless the caller decides
+            found = [t for t in tokenizer.special_tokens if t in segment.text]
+            if found:
+                raise ValueError(
+                    f"a message contains the text of the tokenizer's special token {found[0]!r}; remove it, or "
+                    f"pass special_in_content='ordinary' to encode it as ordinary text (tiktoken's encode_ordinary)"
+                )
+            ids = tokenizer.encode_ordinary(segment.text)
         out.append((ids, segment.train))
     return out
 
