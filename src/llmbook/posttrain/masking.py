@@ -13,9 +13,11 @@ Labels sit under their own ids here (the Hugging Face convention); the shift
 that makes position t predict token t+1 is done once, in
 ``llmbook.posttrain.collate``. The end token carries loss because stopping is
 part of the answer: without it the model never learns to end and rambles on
-into a new "### Instruction:". ``train_on_prompt=True`` puts the loss on every
-token instead, for the ablation (the Alpaca and early Vicuna recipes differ on
-this; the chapter measures it).
+into a new "### Instruction:". Stanford Alpaca's ``train.py`` masks the same way
+(``IGNORE_INDEX`` on the prompt's tokens). ``train_on_prompt=True`` puts the loss
+on every token instead, for the ablation the chapter measures (Shi et al. 2024,
+"Instruction Tuning With Loss Over Instructions", report it can help when
+outputs are short).
 
 Each segment of the template is encoded on its own and the ids concatenated,
 rather than encoding the whole string: a merge can then never straddle the
@@ -115,8 +117,8 @@ def tokenize_example(
     Every assistant message and its end token carry loss; the rest is -100,
     or nothing is with ``train_on_prompt``. A conversation longer than
     ``max_len`` is an error, or with ``truncate=True`` loses its last tokens:
-    the right side, like Hugging Face tokenizers' default ``truncation_side``
-    and TRL's ``keep_start``, because the kept tokens then have exactly the
+    the right side, like Hugging Face tokenizers' default ``truncation_side``,
+    because the kept tokens then have exactly the
     labels and the context they had in the full example (a token only sees
     what comes before it), whereas cutting the left would remove the
     instruction the response answers. The price: the response loses its end,

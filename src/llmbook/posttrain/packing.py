@@ -25,7 +25,9 @@ difference, which is the same within ``b`` wherever ``b`` sits; with the mask,
 no other difference occurs. llmbook's attention in fact ignores ``positions``
 for RoPE (it rotates by the offset in the row, ``MultiHeadAttention.forward``),
 so a packed Llama-style example is computed with other absolute angles than
-alone and agrees to float rounding (about 1e-6 here), not bit for bit.
+alone and agrees to float rounding, not bit for bit (per-token losses within
+1e-6 in ``tests/test_packing.py``, like the GPT-2 style model, whose matmuls
+merely have other shapes).
 Hugging Face instead passes ``position_ids`` to RoPE
 (``DataCollatorWithFlattening`` restarts them per example, and FlashAttention's
 variable-length kernel takes the boundaries as ``cu_seqlens`` instead of a
