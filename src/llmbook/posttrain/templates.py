@@ -59,8 +59,10 @@ ALL_SPECIAL_TOKENS = (ENDOFTEXT, *CHATML_SPECIAL_TOKENS)  # none may appear as t
 #                      "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
 #   "prompt_no_input": "Below is an instruction that describes a task. Write a response that appropriately
 #                       completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:"
-# Stanford's train.py glues the output right after "### Response:"; we put a newline there, as Raschka's
-# book (ch07, format_input + "\n\n### Response:\n") and alpaca-lora's template do, so the answer starts a line.
+# Stanford's train.py glues the output right after "### Response:" and ends it with the tokenizer's EOS; we put a
+# newline there, as Raschka's book (ch07: format_input + f"\n\n### Response:\n{output}") and alpaca-lora's template
+# do, so the answer starts a line. Raschka keeps the short preamble for records with an input too; we follow
+# Stanford (a system message overrides the preamble for anyone who wants Raschka's text exactly).
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )

@@ -22,7 +22,9 @@ probability mass and every old token's log-probability drops by at most
 log(1 + k/V) for k new tokens. The model is unchanged on old text, to within
 that. Hugging Face's ``resize_token_embeddings(mean_resizing=True)`` does this by
 default since 2024 (read in transformers 5.23's ``modeling_utils.py``: it samples
-from N(mean, 1e-9·covariance), the mean in all but name, and cites Hewitt).
+from N(mean, 1e-9·covariance), the mean in all but name, and cites Hewitt),
+and Stanford Alpaca's ``train.py`` (``smart_tokenizer_and_embedding_resize``)
+gave its new pad token the mean input and output rows in 2023.
 ``tests/test_vocab_resize.py`` checks the bound.
 
 A model's vocabulary is often padded: GPT-2's 50257 tokens get 50304 rows (a
