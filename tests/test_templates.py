@@ -123,6 +123,7 @@ def test_one_line_errors():
     assert "not an Alpaca exchange" in error(ALPACA.parse, "hello")
     assert "missing or not text: ['output']" in error(from_alpaca, {"instruction": "x"})
     assert "unknown template" in error(get_template, "llama3")
+    assert "Message(**d)" in error(CHATML.apply_template, [{"role": "user", "content": "hi"}])
 
 
 def test_segments_mark_the_response_and_its_end_token():

@@ -109,7 +109,10 @@ def check_messages(messages: Sequence[Message], check_special: bool = True) -> l
     messages = list(messages)
     for i, m in enumerate(messages):
         if not isinstance(m, Message):
-            raise ValueError(f"message {i} is a {type(m).__name__}, not a Message(role, content)")
+            raise ValueError(
+                f"message {i} is a {type(m).__name__}, not a Message(role, content): "
+                f"convert a dict d with Message(**d)"
+            )
         if m.role not in ROLES:
             raise ValueError(f"message {i} has the unknown role {m.role!r}; the roles are {', '.join(ROLES)}")
         found = [(m.content.find(t), t) for t in ALL_SPECIAL_TOKENS if t in m.content] if check_special else []
