@@ -1,0 +1,239 @@
+"""posttrain.lora: LoRA by hand, proven equal to Hugging Face peft on the book's GPT-2 and Llama style models."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from llmbook.model import GPT
+from llmbook.posttrain.lora import (
+    LoRALinear,
+    apply_lora,
+    count_trainable,
+    load_lora_state_dict,
+    lora_modules,
+    lora_state_dict,
+    merge_lora,
+)
+
+peft = pytest.importorskip("peft")
+
+# the same nn.Linear names for both libraries; lm_head only where it is not tied to the embedding
+TARGETS = {"gpt-tiny": ("qkv", "proj", "fc"), "llama-tiny": ("qkv", "proj", "gate", "up", "down", "lm_head")}
+R, ALPHA = 4, 8.0
+
+
+def tiny(preset: str, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT.from_preset(preset).eval()
+
+
+def batch(model: GPT, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 17), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def set_adapters(model: torch.nn.Module, seed: int = 2) -> dict[str, torch.Tensor]:
+    """Nonzero A and B (B is zero at init, which would hide any error in B's path), returned as a state dict."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in sorted(lora_state_dict(model).items())}
+    load_lora_state_dict(model, state)
+    return state
+
+
+def ours_and_peft(preset: str, dropout: float = 0.0):
+    base = tiny(preset)
+    ours = apply_lora(copy.deepcopy(base), TARGETS[preset], r=R, alpha=ALPHA, dropout=dropout)
+    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=list(TARGETS[preset]))
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    state = set_adapters(ours)
+    with torch.no_grad():  # the same adapter weights into peft's lora_A/lora_B nn.Linears
+        for key, value in state.items():
+            name, part = key.rsplit(".", 1)
+            theirs.get_submodule(f"base_model.model.{name}.{part}.default").weight.copy_(value)
+    return base, ours, theirs
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_outputs_and_gradients_equal_peft(preset):
+    _, ours, theirs = ours_and_peft(preset)
+    x, y = batch(ours)
+    logits, loss = ours(x, y)
+    logits_p, loss_p = theirs(x, y)
+    loss.backward()
+    loss_p.backward()
+    diffs = {"logits": max_diff(logits, logits_p)}
+    for name, m in lora_modules(ours).items():
+        for part in ("lora_A", "lora_B"):
+            grad_p = theirs.get_submodule(f"base_model.model.{name}.{part}.default").weight.grad
+            diffs[f"{name}.{part}.grad"] = max_diff(getattr(m, part).grad, grad_p)
+            assert getattr(m, part).grad.abs().sum() > 0  # both factors really get a gradient
+    print(f"\n{preset}: max |ours - peft| logits {diffs['logits']:.2e}, "
+          f"gradients of A and B {max(v for k, v in diffs.items() if k != 'logits'):.2e}")
+    torch.testing.assert_close(loss, loss_p, rtol=0, atol=1e-6)
+    assert all(v <= 1e-6 for v in diffs.values()), diffs
+    # the frozen base gets no gradient in either library
+    assert all(p.grad is None for n, p in ours.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_merged_weights_equal_peft_merge_and_unload(preset):
+    _, ours, theirs = ours_and_peft(preset)
+    x, _ = batch(ours)
+    with torch.no_grad():
+        before = ours(x)[0]
+    merged, merged_p = merge_lora(ours), theirs.merge_and_unload()
+    assert type(merged) is GPT and type(merged_p) is GPT
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    sd, sd_p = merged.state_dict(), merged_p.state_dict()
+    assert sd.keys() == sd_p.keys()
+    worst = max(max_diff(sd[k], sd_p[k]) for k in sd)
+    with torch.no_grad():
+        after = merged(x)[0]
+    print(f"\n{preset}: merged weights max |ours - peft| {worst:.2e}; "
+          f"logits merged vs adapter {max_diff(before, after):.2e}")
+    assert worst <= 1e-6
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    assert all(p.requires_grad for p in merged.parameters())  # a plain GPT again
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_trainable_counts_equal_peft(preset):
+    _, ours, theirs = ours_and_peft(preset)
+    count = count_trainable(ours)
+    assert tuple(count) == theirs.get_nb_trainable_parameters()
+    # each adapted linear adds r·(in + out) numbers
+    expected = sum(R * (m.in_features + m.out_features) for m in lora_modules(ours).values())
+    assert count.trainable == expected and count.fraction < 0.15
+
+
+def test_dropout_matches_peft_with_the_same_random_numbers():
+    _, ours, theirs = ours_and_peft("llama-tiny", dropout=0.25)
+    ours.train()
+    theirs.train()
+    x, y = batch(ours)
+    torch.manual_seed(3)
+    loss = ours(x, y)[1]
+    torch.manual_seed(3)
+    loss_p = theirs(x, y)[1]
+    torch.testing.assert_close(loss, loss_p, rtol=0, atol=1e-6)
+    torch.manual_seed(4)
+    assert ours(x, y)[1] != loss  # dropout is really on in training mode
+    ours.eval()  # ... and off in eval mode: deterministic
+    assert torch.equal(ours(x)[0], ours(x)[0])
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_b_zero_at_init_leaves_the_model_unchanged(preset):
+    base = tiny(preset)
+    x, _ = batch(base)
+    adapted = apply_lora(copy.deepcopy(base), TARGETS[preset], r=R, alpha=ALPHA)
+    for m in lora_modules(adapted).values():
+        assert torch.count_nonzero(m.lora_B) == 0
+        bound = 1 / math.sqrt(m.in_features)  # kaiming-uniform with a=sqrt(5): U(-1/sqrt(in), 1/sqrt(in))
+        assert m.lora_A.abs().max() <= bound and m.lora_A.std() > bound / 3
+    with torch.no_grad():
+        assert torch.equal(adapted(x)[0], base(x)[0])
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_merge_unmerge_round_trip(preset):
+    base = tiny(preset)
+    adapted = apply_lora(copy.deepcopy(base), TARGETS[preset], r=R, alpha=ALPHA)
+    set_adapters(adapted)
+    x, _ = batch(adapted)
+    modules = lora_modules(adapted).values()
+    with torch.no_grad():
+        before = adapted(x)[0]
+        assert max_diff(before, base(x)[0]) > 1e-3  # the adapters really change the output
+        for m in modules:
+            m.merge().merge()  # a second merge does nothing
+        merged = adapted(x)[0]
+        for m in modules:
+            m.unmerge()
+        unmerged = adapted(x)[0]
+    torch.testing.assert_close(merged, before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(unmerged, before, rtol=0, atol=1e-5)
+    weight_err = max(max_diff(m.base.weight, base.get_submodule(n).weight) for n, m in lora_modules(adapted).items())
+    print(f"\n{preset}: merge/unmerge: logits {max_diff(merged, before):.2e}, base weights back to {weight_err:.2e}")
+    assert weight_err < 1e-6
+
+
+def test_adapter_state_dict_is_small_and_round_trips(tmp_path):
+    model = apply_lora(tiny("llama-tiny"), TARGETS["llama-tiny"], r=R, alpha=ALPHA)
+    set_adapters(model)
+    state = lora_state_dict(model)
+    assert all(k.endswith((".lora_A", ".lora_B")) for k in state)
+    n_adapter = sum(v.numel() for v in state.values())
+    assert n_adapter == count_trainable(model).trainable
+    assert n_adapter < 0.15 * model.num_params()
+    torch.save(state, tmp_path / "adapter.pt")
+    torch.save(model.state_dict(), tmp_path / "full.pt")
+    assert (tmp_path / "adapter.pt").stat().st_size < 0.2 * (tmp_path / "full.pt").stat().st_size
+
+    fresh = apply_lora(tiny("llama-tiny"), TARGETS["llama-tiny"], r=R, alpha=ALPHA)
+    load_lora_state_dict(fresh, torch.load(tmp_path / "adapter.pt"))
+    x, _ = batch(model)
+    with torch.no_grad():
+        assert torch.equal(fresh(x)[0], model(x)[0])
+    other_rank = apply_lora(tiny("llama-tiny"), TARGETS["llama-tiny"], r=2, alpha=ALPHA)
+    with pytest.raises(ValueError, match="another rank"):
+        load_lora_state_dict(other_rank, state)
+    fewer = apply_lora(tiny("llama-tiny"), ("qkv",), r=R, alpha=ALPHA)
+    with pytest.raises(ValueError, match="unexpected"):
+        load_lora_state_dict(fewer, state)
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-tiny"])
+def test_adamw_trains_only_the_adapters(preset):
+    model = apply_lora(tiny(preset), TARGETS[preset], r=R, alpha=ALPHA).train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    adapters = lora_state_dict(model)
+    # all parameters handed to AdamW, weight decay on: frozen ones have no gradient, so AdamW skips them
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    x, y = batch(model)
+    losses = []
+    for _ in range(5):
+        loss = model(x, y)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if "lora_" not in n)
+    assert all(not torch.equal(v, lora_state_dict(model)[k]) for k, v in adapters.items())
+    # optimizer state only for the adapters: the memory LoRA saves
+    assert sum(s["exp_avg"].numel() for s in opt.state.values()) == count_trainable(model).trainable
+
+
+def test_bad_input_is_one_clear_line():
+    with pytest.raises(ValueError, match=r"'q_proj' matches no nn.Linear.*attn.qkv.*mlp.fc") as err:
+        apply_lora(tiny("gpt-tiny"), ("qkv", "q_proj"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="tied to tok_emb.weight"):
+        apply_lora(tiny("gpt-tiny"), ("lm_head",))
+    with pytest.raises(ValueError, match="rank r must be a positive int"):
+        apply_lora(tiny("gpt-tiny"), r=0)
+    with pytest.raises(ValueError, match="dropout"):
+        apply_lora(tiny("gpt-tiny"), dropout=1.0)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(apply_lora(tiny("gpt-tiny")))
+    with pytest.raises(TypeError, match="wraps an nn.Linear"):
+        LoRALinear(torch.nn.Embedding(3, 4))
+
+
+def test_default_targets_are_attention_and_mlp():
+    gpt = apply_lora(tiny("gpt-tiny"))
+    llama = apply_lora(tiny("llama-tiny"))
+    assert {n.split(".", 2)[-1] for n in lora_modules(gpt)} == {"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"}
+    assert {n.split(".", 2)[-1] for n in lora_modules(llama)} == {
+        "attn.qkv", "attn.proj", "mlp.gate", "mlp.up", "mlp.down"}
+    assert "lm_head" not in lora_modules(llama)
