@@ -134,3 +134,51 @@ def test_file_lock_makes_a_second_holder_wait(tmp_path):
         order.append("first")  # the second holder is still waiting
     thread.join(10)
     assert order == ["first", "second"]
+
+
+# --- Project Gutenberg ebooks: registered with their checksum, read without header and license -----------------
+
+_GUTENBERG_TOY = (
+    "The Project Gutenberg EBook of Toy, by Nobody\r\n\r\nThis eBook is for the use of anyone anywhere\r\n"
+    "*** START OF THIS PROJECT GUTENBERG EBOOK TOY ***\r\n\r\nProduced by Anonymous Volunteers\r\n\r\n\r\n"
+    "TOY\r\n\r\nChapter 1\r\nIt began.\r\n\r\nEnd of the Project Gutenberg EBook of Toy, by Nobody\r\n\r\n"
+    "*** END OF THIS PROJECT GUTENBERG EBOOK TOY ***\r\n\r\n*** START: FULL LICENSE ***\r\nProject Gutenberg-tm\r\n"
+)
+
+
+def test_pride_and_prejudice_is_registered_with_its_checksum():
+    d = data.DATASETS["pride_and_prejudice"]
+    assert d.filename == "pride_and_prejudice.txt" and d.gutenberg
+    assert d.sha256 == "859c908774105fe56669e355156f2c9db0fe4ad2b6b67c068e3f8731aae55a99"
+    assert "cytora/pycon-nlp-in-10-lines" in d.url and d.url.endswith("data/pride_and_prejudice.txt")
+    assert not data.DATASETS["tinyshakespeare"].gutenberg  # other datasets are read as they are
+
+
+def test_gutenberg_body_cuts_header_credit_and_footer():
+    assert data.gutenberg_body(_GUTENBERG_TOY) == "TOY\n\nChapter 1\nIt began.\n"
+    # today's wording ("THE" instead of "THIS") is recognised too
+    modern = _GUTENBERG_TOY.replace("OF THIS PROJECT", "OF THE PROJECT")
+    assert data.gutenberg_body(modern) == "TOY\n\nChapter 1\nIt began.\n"
+
+
+@pytest.mark.parametrize("cut", ["*** START OF THIS", "*** END OF THIS"])
+def test_gutenberg_body_without_a_marker_is_one_clear_line(cut):
+    with pytest.raises(data.GutenbergFormatError, match="not a Project Gutenberg ebook") as info:
+        data.gutenberg_body(_GUTENBERG_TOY.replace(cut, "*** SOMETHING ELSE"))
+    assert "\n" not in str(info.value)
+    with pytest.raises(data.GutenbergFormatError):
+        data.gutenberg_body("plain text with no markers")
+
+
+def test_read_text_of_pride_and_prejudice_is_the_novel_only():
+    if data.data_dir() is None or data.local_copy("pride_and_prejudice") is None:
+        pytest.skip("LLMBOOK_DATA_DIR does not hold pride_and_prejudice.txt")
+    raw = data.path("pride_and_prejudice").read_text(encoding="utf-8")
+    body = data.read_text("pride_and_prejudice")
+    assert raw.count("Gutenberg") > 50  # the raw file carries the license
+    assert body.startswith("PRIDE AND PREJUDICE\n\nBy Jane Austen\n\n\n\nChapter 1\n\n\n"
+                           "It is a truth universally acknowledged")
+    assert body.endswith("had been the means of uniting them.\n")
+    for licence_word in ("gutenberg", "license", "ebook", "anonymous volunteers", "***"):
+        assert licence_word not in body.lower(), licence_word
+    assert body in raw and len(body) == 684_768  # a slice of the file: nothing rewritten inside the novel

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import sys
 import tempfile
 import urllib.error
@@ -53,6 +54,7 @@ class Dataset:
     sha256: str
     license: str
     description: str
+    gutenberg: bool = False  # a Project Gutenberg ebook: ``read_text`` returns its body without header and license
 
 
 _RAW = "https://raw.githubusercontent.com"
@@ -100,6 +102,16 @@ DATASETS: dict[str, Dataset] = {
             "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e",
             "Apache-2.0",
             "The same 1,100 records with chosen/rejected responses (for DPO)",
+        ),
+        Dataset(
+            "pride_and_prejudice",
+            "pride_and_prejudice.txt",
+            f"{_RAW}/cytora/pycon-nlp-in-10-lines/HEAD/data/pride_and_prejudice.txt",  # HEAD: the default branch
+            "859c908774105fe56669e355156f2c9db0fe4ad2b6b67c068e3f8731aae55a99",
+            "public domain in the US (Project Gutenberg eBook #1342)",
+            "Jane Austen, Pride and Prejudice: Project Gutenberg's 2008 edition, 704,145 bytes "
+            "with Gutenberg's header and license (gutenberg.org now serves other bytes)",
+            gutenberg=True,
         ),
     ]
 }
@@ -244,9 +256,64 @@ def path(name: str) -> Path:
         raise DataNotFoundError(f"{hint} (download failed: {reason})") from None
 
 
+class GutenbergFormatError(ValueError):
+    """Raised when a text lacks Project Gutenberg's START/END markers, so its body cannot be cut out safely."""
+
+
+# Project Gutenberg wraps every ebook between two marker lines. Their wording changed over the years:
+#   2008 (our Pride and Prejudice):  *** START OF THIS PROJECT GUTENBERG EBOOK PRIDE AND PREJUDICE ***
+#   today's files:                   *** START OF THE PROJECT GUTENBERG EBOOK PRIDE AND PREJUDICE ***
+# so the patterns accept THIS/THE and any capitalisation of "ebook".
+_GUTENBERG_START = re.compile(r"^\*{3} ?START OF (?:THIS|THE) PROJECT GUTENBERG E-?BOOK.*$", re.M | re.I)
+_GUTENBERG_END = re.compile(r"^\*{3} ?END OF (?:THIS|THE) PROJECT GUTENBERG E-?BOOK.*$", re.M | re.I)
+# Inside the markers a file may still open with a transcriber's credit ("Produced by Anonymous Volunteers")
+# and close with "End of the Project Gutenberg EBook of <title>, by <author>" (older files: "End of Project
+# Gutenberg's <title>"). Neither is the author's text.
+_GUTENBERG_CREDIT = re.compile(r"\A\s*(?:Produced by|E-?text prepared by|Transcribed from)[^\n]*(?:\n[^\n]+)*", re.I)
+_GUTENBERG_LAST_LINE = re.compile(r"\n\s*End of (?:the )?Project Gutenberg'?s? E-?Book[^\n]*\s*\Z", re.I)
+
+
+def gutenberg_body(text: str) -> str:
+    """The author's text of a Project Gutenberg ebook: the header, the license footer and the credit line cut off.
+
+    Everything up to the ``*** START OF ... PROJECT GUTENBERG EBOOK ... ***``
+    line and from the ``*** END OF ...`` line on is Gutenberg's (title page,
+    "This eBook is for the use of anyone...", 350 lines of license); a model
+    pretrained on it would learn to write licenses. The body keeps its own line
+    breaks and ends with one newline. Line endings are normalised to ``\\n``
+    first, since Gutenberg also ships files with ``\\r\\n``.
+
+    >>> gutenberg_body("Header\\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\\nIt is a truth.\\n"
+    ...                "*** END OF THE PROJECT GUTENBERG EBOOK X ***\\nLicense")
+    'It is a truth.\\n'
+
+    A text without both markers is a ``GutenbergFormatError`` (one line): cutting
+    at a guess could silently keep the license or lose the novel.
+    """
+    text = text.replace("\r\n", "\n")
+    start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
+    if start is None or end is None or end.start() < start.end():
+        missing = "START" if start is None else "END" if end is None else "END before START"
+        raise GutenbergFormatError(
+            f"not a Project Gutenberg ebook: no '*** {missing} OF THE PROJECT GUTENBERG EBOOK ... ***' marker line "
+            f"({len(text):,} characters); pass the file as Gutenberg distributes it, or use it without stripping"
+        )
+    body = text[start.end():end.start()]
+    body = _GUTENBERG_CREDIT.sub("", body, count=1)
+    body = _GUTENBERG_LAST_LINE.sub("", body, count=1)
+    return body.strip() + "\n"
+
+
 def read_text(name: str) -> str:
-    """The dataset decoded as UTF-8."""
-    return path(name).read_text(encoding="utf-8")
+    """The dataset as a model should read it: decoded as UTF-8, and for a Gutenberg ebook only its body.
+
+    Project Gutenberg's header and license footer are cut off with
+    ``gutenberg_body`` for datasets registered with ``gutenberg=True``; the raw,
+    checksummed file is still at ``path(name)``.
+    """
+    dataset = _lookup(name)
+    text = path(name).read_text(encoding="utf-8")
+    return gutenberg_body(text) if dataset.gutenberg else text
 
 
 def tiktoken_encoding(name: str = "gpt2"):
