@@ -54,8 +54,8 @@ class LoRALinear(nn.Module):
       exactly what the base model computed: fine-tuning starts from the
       pretrained function, not from a random perturbation of it.
     - **A starts random** (kaiming-uniform with a = √5, i.e. uniform in
-      ±1/√in, the default init of ``nn.Linear``; peft and Microsoft's loralib
-      do the same). If A were zero too, both gradients would be zero forever:
+      ±1/√in, the default init of ``nn.Linear``; peft does this, citing
+      Microsoft's loralib; the paper says "random Gaussian"). If A were zero too, both gradients would be zero forever:
       ``∂L/∂B = scale · gᵀ (x Aᵀ)`` needs A ≠ 0, and ``∂L/∂A = scale · (g B)ᵀ x``
       needs B ≠ 0. With A random, B moves on the first step and A from the second.
 
@@ -78,7 +78,10 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         for p in base.parameters():
             p.requires_grad_(False)  # the pretrained weight and bias stay as they are
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        # adapters of a bf16/fp16 model are kept in float32 (peft's autocast_adapter_dtype, its default):
+        # AdamW's small updates to a half-precision number would round away, and there are few adapter numbers
+        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        factory = {"device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))  # (r, in): projects x down
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))  # (out, r): back up; zero: ΔW = 0
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -87,16 +90,24 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def delta_weight(self) -> Tensor:
-        """``ΔW = (alpha / r) · B A``, shape ``(out, in)`` like the base weight."""
-        return (self.lora_B @ self.lora_A) * self.scale
+        """``ΔW = (alpha / r) · B A``, shape ``(out, in)`` like the base weight, in float32 (or float64).
+
+        Half-precision adapters are upcast first, as peft does: the r-term sums
+        of ``B A`` rounded to bf16 would lose digits; ``merge`` rounds once, into W.
+        """
+        A, B = self.lora_A, self.lora_B
+        if A.dtype in (torch.float16, torch.bfloat16):  # only after a model.to(bfloat16) of an adapted model
+            A, B = A.float(), B.float()
+        return (B @ A) * self.scale
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in) -> (..., out)``: the frozen path plus the low-rank path (nothing extra once merged)."""
         y = self.base(x)
         if self.merged:
             return y
+        x = x.to(self.lora_A.dtype)  # a bf16 model's activations meet float32 adapters (no-op otherwise)
         # x (…, in) @ Aᵀ (in, r) -> (…, r) @ Bᵀ (r, out) -> (…, out): never forms the (out, in) matrix B A
-        return y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
+        return (y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale).to(y.dtype)
 
     @torch.no_grad()
     def merge(self) -> LoRALinear:
