@@ -55,13 +55,18 @@ class LoRALinear(nn.Module):
       pretrained function, not from a random perturbation of it.
     - **A starts random** (kaiming-uniform with a = √5, i.e. uniform in
       ±1/√in, the default init of ``nn.Linear``; peft does this, citing
-      Microsoft's loralib; the paper says "random Gaussian"). If A were zero too, both gradients would be zero forever:
+      Microsoft's loralib; the paper says "random Gaussian"). If A were zero
+      too, both gradients would be zero forever (g = ∂L/∂y):
       ``∂L/∂B = scale · gᵀ (x Aᵀ)`` needs A ≠ 0, and ``∂L/∂A = scale · (g B)ᵀ x``
       needs B ≠ 0. With A random, B moves on the first step and A from the second.
 
     ``alpha / r`` keeps the size of the update roughly independent of the rank:
-    doubling r doubles the number of terms in ``B A``, and halves the scale, so
-    changing r does not require retuning the learning rate (Hu et al. 2021, §4.1).
+    Adam moves every entry of B by about the learning rate, and each entry of
+    ``B A`` sums r such products, so ``B A`` grows with r and the 1/r undoes
+    that. Changing r then needs no new learning rate (Hu et al. 2021, §4.1,
+    paraphrased: with Adam, tuning alpha is roughly tuning the learning rate, so
+    they set alpha to the first r they try and leave it). rsLoRA (Kalajdzievski
+    2023; peft's ``use_rslora``) argues for alpha / √r instead; we keep the original.
 
     ``merge()`` adds ``ΔW`` into the base weight and ``unmerge()`` subtracts it
     again (exact up to float rounding). While merged the forward is just
