@@ -9,14 +9,17 @@ depends on following the instruction, not on knowledge it cannot have.
 Four families, each made from one line of Tiny Shakespeare or one sentence of
 *Pride and Prejudice* (the two books alternate, so each family is half and half):
 
-    capitals       Repeat this line in capital letters.            | What, ho! Where is the duke?
-                   -> WHAT, HO! WHERE IS THE DUKE?
-    first_words    Write the first 3 words of this line.           | It is a truth universally acknowledged
-                   -> It is a
-    last_word      Write the last word of this line.               | You are all resolved rather to die than to famish?
-                   -> famish
-    word_in_limit  Write a line of at most 8 words that uses the word "fortune".   (no input)
-                   -> any line of 3 to 8 words with "fortune" in it; the reference is the book's line
+    capitals       Repeat this line in capital letters.           | Mr. Gardiner left them soon after breakfast.
+                   -> MR. GARDINER LEFT THEM SOON AFTER BREAKFAST.
+    first_words    Write the first 5 words of this line.          | We have made inquiry of you; and we hear
+                   -> We have made inquiry of
+    last_word      Write the last word of this line.              | good enough for him.
+                   -> him
+    word_in_limit  Write a line of at most 10 words that uses the word "Clarence".    (no input)
+                   -> any line of 3 to 10 words with "Clarence" in it; the reference is the book's line,
+                      "She better would have fitted me or Clarence:"
+
+(items of ``make_task_split(0).test``; the source line follows the "|").
 
 The first three are copying tasks of rising difficulty for a model with a
 subword vocabulary (copy a prefix; find the end; copy *and* map every token to
@@ -49,15 +52,19 @@ test prompt appears in any training prompt, and the test set does not change
 when the training set grows. (All the lines are in the pretraining text: the
 model has read them once as prose; it has never seen these instructions.)
 
-Trivial baselines on ``make_task_split(0)``'s 400 test prompts (measured with
-this module; echo = answering with the input line, or the instruction when
-there is no input): mean score / exact success per family
+Trivial baselines on ``make_task_split(0).test`` (400 prompts, 100 per family),
+measured with this module: exact success, and mean score in brackets.
 
-    capitals      echo 0.034 / 0%    first_words  echo 0.373 / 0%
-    last_word     echo 0.000 / 0%    word_in_limit echo 0.500 / 0% (the instruction uses the word, but is too long)
+    answer given                    capitals   first_words  last_word  word_in_limit  all
+    the input line (echo)           0% (0.02)  0% (0.40)    0% (0.13)  0% (0.50)      0% [0.0%, 1.0%] (0.26)
+    the whole prompt                0% (0.01)  0% (0.20)    0% (0.07)  0% (0.50)      0% (0.20)
+    a training answer, same family  0% (0.03)  0% (0.02)    0% (0.00)  1% (0.40)      0.2% (0.11)
+    nothing                         0% (0.00)  0% (0.00)    0% (0.00)  0% (0.00)      0% (0.00)
 
-so a base model that merely repeats its prompt passes nothing, and partial
-scores start well below 1.
+(for word_in_limit "echo" is the instruction: it uses the word but has 13
+words, more than any limit). A model that repeats its prompt passes nothing,
+and partial scores start well below 1, so there is room for SFT and then for
+Chapter 10 to show gains.
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ SOURCES = ("shakespeare", "austen")
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
 MIN_WORDS, MAX_WORDS = 4, 12  # source lines: long enough to be a line, short enough for a tiny model to copy
-MAX_LIMIT = 10  # word_in_limit asks for at most 4..10 words; its instruction has 12, so echoing it fails
+MAX_LIMIT = 10  # word_in_limit asks for at most 4..10 words; its instruction has 13, so echoing it fails
 _PUNCT = "".join(c for c in "!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~")  # stripped from word ends; not the apostrophe
 # letters, light punctuation and hyphens inside words ("four-and-twenty"); no quotes, dashes, digits or brackets
 _LINE = re.compile(r"[A-Za-z](?:[A-Za-z ,.;:!?']|(?<=[A-Za-z])-(?=[A-Za-z]))*")
