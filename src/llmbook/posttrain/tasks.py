@@ -37,6 +37,9 @@ passing and a failing sample make an on-policy preference pair for DPO:
   len(reference))``: 1.0 only for the exact words in order, less for every
   word missing, wrong or extra ("the last word is famish" scores 1/5);
 - word_in_limit gives 0.5 for using the word and 0.5 for a length of 3 to N words.
+  It checks only these two constraints, so "fortune fortune fortune" passes:
+  a loophole left on purpose, a small case of reward hacking for Chapter 10
+  to look for in what RL teaches.
 
 What counts as the answer (documented contract, tested): the text up to the
 first special token (``<|endoftext|>``, ``<|im_end|>``, ``<|im_start|>``) that a
@@ -222,10 +225,14 @@ def source_lines() -> dict[str, list[str]]:
         "shakespeare": shakespeare_lines(data.read_text("tinyshakespeare")),
         "austen": austen_sentences(data.read_text("pride_and_prejudice")),  # the body, without Gutenberg's license
     }
-    out = {}
+    out: dict[str, list[str]] = {}
     for source, lines in books.items():
-        seen: set[str] = set()
-        out[source] = [x for x in lines if usable(x) and not (x.lower() in seen or seen.add(x.lower()))]
+        seen: set[str] = set()  # a line said twice ("My lord, my lord.") makes one item at most
+        out[source] = []
+        for line in lines:
+            if usable(line) and line.lower() not in seen:
+                seen.add(line.lower())
+                out[source].append(line)
     return out
 
 
@@ -265,7 +272,7 @@ def make_item(family: str, line: str, source: str, rng: random.Random) -> TaskIt
 
 
 def split_of(line: str, seed: int) -> str:
-    """"train", "val" or "test" for a line: 10% test, 5% validation by a hash of (seed, line in lower case)."""
+    """The split a line belongs to: "test" for 10% of lines, "val" for 5%, by a hash of (seed, line in lower case)."""
     bucket = int(hashlib.sha256(f"{seed}:{line.lower()}".encode()).hexdigest(), 16) % 20
     return "test" if bucket < 2 else "val" if bucket == 2 else "train"
 
