@@ -159,6 +159,7 @@ def test_word_in_limit_grades_both_constraints():
     assert item.check("a line without it") == 0.5  # right length, no word
     assert item.check(f"{w}s are fine here") == 0.5  # a whole word: "truths" is not "truth"
     assert item.check("") == 0.0
+    assert item.check(f"{w} {w} {w}") == 1.0  # the documented loophole: only the two constraints are checked
 
 
 def test_make_item_and_make_items_errors():
