@@ -9,6 +9,7 @@ model "wants" after any prompt, padding rows included.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmbook import chat as chat_cli
 from llmbook import checkpoint
 from llmbook.bpe import Tokenizer
 from llmbook.generate import generate
@@ -182,22 +184,70 @@ def test_cli_streams_a_reply_and_exits_0(tmp_path):
     assert result.stdout == "hi!\n" and result.stderr == ""  # no "> " prompt: stdin is not a terminal
 
 
-def test_cli_bad_model_folders_are_one_line_and_exit_2(tmp_path):
-    missing = run_chat("--model", str(tmp_path / "nope"))
-    (tmp_path / "empty").mkdir()
-    empty = run_chat("--model", str(tmp_path / "empty"))
-    plain = save_run(tmp_path / "plain", GPT.from_preset("gpt-tiny", vocab_size=257, context_length=CONTEXT),
-                     byte_tokenizer())
-    untuned = run_chat("--model", str(plain), stdin="hello\n")
-    no_tokenizer = tmp_path / "no_tokenizer"
-    save_run(no_tokenizer, GPT.from_preset("gpt-tiny", vocab_size=257, context_length=CONTEXT), byte_tokenizer())
-    (no_tokenizer / "tokenizer.json").unlink()
-    without_tokenizer = run_chat("--model", str(no_tokenizer))
-    for result, message in ((missing, "not found"), (empty, "is not a run folder"),
-                            (untuned, "this tokenizer has no <|im_start|>: the model was not fine-tuned with the "
-                                      "chatml template"),
-                            (without_tokenizer, "tokenizer.json not found")):
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
-        assert result.stdout == ""
+class FakeStdin(io.StringIO):
+    """Lines typed by a user; a terminal or not; optionally Ctrl-C after the lines run out."""
+
+    def __init__(self, text: str, tty: bool = False, interrupt: bool = False):
+        super().__init__(text)
+        self.tty, self.interrupt = tty, interrupt
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def readline(self, *args) -> str:
+        line = super().readline(*args)
+        if not line and self.interrupt:
+            raise KeyboardInterrupt
+        return line
+
+
+def test_cli_keeps_the_conversation_and_ends_on_exit_or_ctrl_c(tmp_path, monkeypatch, capsys, seed_and_one_thread):
+    tok = chat_tokenizer()
+    end = tok.special_tokens["<|im_end|>"]
+    second = [*HELLO, Message("assistant", "hi!"), Message("user", "again")]
+    script = {**script_reply(tok, [*b"hi!", end]), **script_reply(tok, [*b"yo", end], second)}
+    run = save_run(tmp_path / "run", scripted_model(script), tok)
+    monkeypatch.setattr(sys, "stdin", FakeStdin("hello\nagain\n/exit\nnever read\n", tty=True))
+    # 8 new tokens leave room for both turns (the default keeps a quarter of the context free and would drop one)
+    assert chat_cli.main(["--model", str(run), "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == "> hi!\n> yo\n> "  # the second reply answers the whole conversation
+    monkeypatch.setattr(sys, "stdin", FakeStdin("hello\n", interrupt=True))
+    assert chat_cli.main(["--model", str(run), "--temperature", "0"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "hi!\n" and err.strip() == "interrupted; chat ended"
+    # a message too long for the context is one line, and the chat goes on
+    monkeypatch.setattr(sys, "stdin", FakeStdin("x" * 60 + "\nhello\n"))
+    assert chat_cli.main(["--model", str(run), "--temperature", "0", "--max-new-tokens", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "hi!\n" and err.startswith("error: the message is too long") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "not found"),
+    ("empty", "is not a run folder"),
+    ("untuned", "this tokenizer has no <|im_start|>: the model was not fine-tuned with the chatml template"),
+    ("no_tokenizer", "tokenizer.json not found"),
+    ("negative_temperature", "--temperature must be >= 0"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, case, message):
+    folder = tmp_path / case
+    if case == "empty":
+        folder.mkdir()
+    elif case in ("untuned", "no_tokenizer"):
+        save_run(folder, GPT.from_preset("gpt-tiny", vocab_size=257, context_length=CONTEXT), byte_tokenizer())
+        if case == "no_tokenizer":
+            (folder / "tokenizer.json").unlink()
+    args = ["--model", str(folder)] + (["--temperature", "-1"] if case == "negative_temperature" else [])
+    monkeypatch.setattr(sys, "stdin", FakeStdin("hello\n"))
+    assert chat_cli.main(args) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert out == ""
+
+
+def test_python_dash_m_reports_a_missing_model_in_one_line(tmp_path):
+    result = run_chat("--model", str(tmp_path / "nope"))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+    assert "Traceback" not in result.stderr and "not found" in result.stderr
