@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                                           args.temperature, args.top_k, args.top_p, generator):
                     pieces.append(piece)
                     print(piece, end="", flush=True)
-            except ValueError as exc:  # a message too long for the context, special-token text, a bad option
+            except ValueError as exc:  # a message too long for the context, a bad option: one line, chat goes on
                 messages.pop()
                 print(f"error: {_one_line(exc)}", file=sys.stderr)
                 continue

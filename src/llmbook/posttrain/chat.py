@@ -29,6 +29,12 @@ Three details a chat loop must get right:
   message does not fit, ``ContextError`` says so in one line. Alpaca holds
   one exchange, so only the system message and the latest user message are
   rendered (earlier turns are not part of its format).
+
+What a user types is text, never markup: a message containing the characters
+"<|im_end|>" is encoded as ordinary text (tiktoken's ``encode_ordinary``), so
+typing them cannot close the user's turn and open a fake one (a prompt
+injection). SFT's ``tokenize_example`` raises on such text instead, because
+training data should be clean; a chat must accept whatever is typed.
 """
 
 from __future__ import annotations
@@ -120,7 +126,7 @@ def build_prompt(
     turns = messages[len(system):]
     dropped = 0
     while True:
-        ids = encode_prompt(tokenizer, system + turns, template)
+        ids = encode_prompt(tokenizer, system + turns, template, special_in_content="ordinary")
         if len(ids) + reserve <= context:
             budget = max_new_tokens if max_new_tokens is not None else context - len(ids)
             return Prompt(ids, system + turns, budget, dropped)
