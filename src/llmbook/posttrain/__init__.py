@@ -9,6 +9,7 @@ One module per idea, in the order the chapters use them:
     packing     several examples in one row: block-diagonal attention and positions that restart
     lora        low-rank adapters on the linears of a frozen model (``LoRALinear``, ``apply_lora``)
     tasks       the verifiable instruction-following task: prompts and an exact checker
+    chat        replies of a fine-tuned model: the template's prompt, stopping at its end token (``reply``)
 
 Nothing is imported here, so ``import llmbook.posttrain.templates`` costs only that module.
 """
