@@ -201,7 +201,7 @@ def check_zero_bytes_per_rank(zero_bytes_per_rank):
 
 
 def finish_time(bucket_bytes: float, grad_bytes: Sequence[float], ready_s: Sequence[float],
-                alpha: float, beta: float) -> float:
+                alpha: float, beta: float, mistake: str | None = None) -> float:
     """When the last bucket's all-reduce ends (the reference for 8.3).
 
     Gradients arrive in order; a bucket closes once it holds at least
@@ -211,13 +211,24 @@ def finish_time(bucket_bytes: float, grad_bytes: Sequence[float], ready_s: Seque
 
         >>> finish_time(10, [10, 10], [1.0, 2.0], alpha=0.5, beta=0.1)  # 1 + 1.5 = 2.5, then max(2, 2.5) + 1.5
         4.0
+
+    ``mistake`` gives the time a usual mistake gives instead, for the hints:
+    ``"no_wait"`` (all-reduces overlap as if each had a link of its own),
+    ``"no_alpha"`` (no latency), ``"first"`` (sent at the bucket's first
+    gradient), ``"strict"`` (closed at ``>`` instead of ``>=``).
     """
-    link_free, size = 0.0, 0.0
+    link_free, size, first = 0.0, 0.0, None
     for i, (nbytes, ready) in enumerate(zip(grad_bytes, ready_s, strict=True)):
+        first = ready if first is None else first
         size += nbytes
-        if size >= bucket_bytes or i == len(grad_bytes) - 1:
-            link_free = max(link_free, ready) + alpha + beta * size
-            size = 0.0
+        full = size > bucket_bytes if mistake == "strict" else size >= bucket_bytes
+        if full or i == len(grad_bytes) - 1:
+            cost = (0.0 if mistake == "no_alpha" else alpha) + beta * size
+            if mistake == "no_wait":
+                link_free = max(link_free, ready + cost)
+            else:
+                link_free = max(link_free, first if mistake == "first" else ready) + cost
+            size, first = 0.0, None
     return link_free
 
 
@@ -243,23 +254,8 @@ def _finish_cases() -> list[tuple[str, float, list[float], list[float], float, f
 
 def _finish_hint(got: float, bucket: float, sizes: list[float], ready: list[float], alpha: float,
                  beta: float) -> str:
-    def variant(kind: str) -> float:
-        """The finish time a usual mistake gives."""
-        link, size, first = 0.0, 0.0, None
-        for i, (nbytes, t) in enumerate(zip(sizes, ready, strict=True)):
-            first = t if first is None else first
-            size += nbytes
-            closes = size > bucket if kind == "strict" else size >= bucket
-            if closes or i == len(sizes) - 1:
-                cost = (0.0 if kind == "no_alpha" else alpha) + beta * size
-                if kind == "no_wait":  # sent at once, as if every all-reduce had a link of its own
-                    link = max(link, t + cost)
-                elif kind == "first":  # sent when the bucket's first gradient is ready
-                    link = max(link, first) + cost
-                else:
-                    link = max(link, t) + cost
-                size, first = 0.0, None
-        return link
+    def variant(mistake: str) -> float:
+        return finish_time(bucket, sizes, ready, alpha, beta, mistake)
 
     total = sum(sizes)
     candidates = [
