@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -98,13 +99,16 @@ _MASK_CASES = [  # (what, template, messages, pads: pad_to = length + pads, or N
 
 
 def _as_ints(values, name: str, what: str) -> list[int]:
+    """A list of ints from a list, tuple or tensor of integers; anything else is one clear line."""
     if isinstance(values, Tensor):
         values = values.tolist()
-    if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                        for v in values):
+    try:
+        if not isinstance(values, (list, tuple)) or any(isinstance(v, bool) for v in values):
+            raise TypeError
+        return [operator.index(v) for v in values]  # ints, and NumPy's integers
+    except TypeError:
         raise AssertionError(f"mask_labels({what}) should return two lists of ints (input_ids, labels); its "
-                             f"{name} are {type(values).__name__}: {values!r:.60}")
-    return list(values)
+                             f"{name} are {type(values).__name__}: {values!r:.60}") from None
 
 
 def _token(tokenizer: Tokenizer, i: int) -> str:
@@ -150,7 +154,14 @@ def _labels_hint(got: list[int], ids: list[int], expected: list[int], n_real: in
     if pads:
         return (f"; the padding carries loss (label {got[pads[0]]} at position {pads[0]}): every pad's label "
                 "is -100, or the model learns to predict padding")
-    lost_end = [t for t in range(n_real) if expected[t] == end_id and got[t] == IGNORE_INDEX]
+    extra = [t for t in range(n_real) if expected[t] == IGNORE_INDEX and got[t] != IGNORE_INDEX]
+    missing = [t for t in range(n_real) if expected[t] != IGNORE_INDEX and got[t] == IGNORE_INDEX]
+    missing_words = [t for t in missing if ids[t] != end_id]
+    if missing_words and any(got[u] != IGNORE_INDEX for u in range(missing_words[0] + 1, n_real)):
+        t = missing_words[0]
+        return (f"; a reply's tokens have label -100 (first at position {t}, {_token(tokenizer, ids[t])}) "
+                "while a later reply carries loss: every assistant message carries loss, not only the last one")
+    lost_end = [t for t in missing if ids[t] == end_id]
     if lost_end:
         hint = (f"; the response's end token {template.end_token!r} (position {lost_end[0]}) has label -100: it "
                 "must carry loss, or the model never learns to stop and rambles on")
@@ -158,8 +169,6 @@ def _labels_hint(got: list[int], ids: list[int], expected: list[int], n_real: in
             hint += (f". It has the same id as the padding ({end_id}): mask the pads by position (after the "
                      "real tokens), not with labels[ids == pad_id] = -100, which masks the real end token too")
         return hint
-    extra = [t for t in range(n_real) if expected[t] == IGNORE_INDEX and got[t] != IGNORE_INDEX]
-    missing = [t for t in range(n_real) if expected[t] != IGNORE_INDEX and got[t] == IGNORE_INDEX]
     if extra:
         after_end = [t for t in extra if t > 0 and ids[t - 1] == end_id]
         if after_end and len(after_end) == len(extra):
@@ -173,11 +182,6 @@ def _labels_hint(got: list[int], ids: list[int], expected: list[int], n_real: in
                 "carry loss")
     if missing:
         t = missing[0]
-        later = [u for u in range(t + 1, n_real) if expected[u] != IGNORE_INDEX and got[u] != IGNORE_INDEX]
-        if later:
-            return (f"; a reply's tokens have label -100 (first at position {t}, "
-                    f"{_token(tokenizer, ids[t])}) while a later reply carries loss: every assistant message "
-                    "carries loss, not only the last one")
         return (f"; the response token {_token(tokenizer, ids[t])} at position {t} has label -100: every "
                 "token of every assistant message carries loss (label = its own id)")
     return ""
@@ -191,7 +195,16 @@ def check_mask_labels(mask_labels):
         pad_to = None if pads is None else n_real + pads
         expected_ids, expected_labels = reference_mask(tokenizer, messages, template, pad_to)
         what = f"{what}{'' if pad_to is None else f', pad_to={pad_to}'}"
-        result = mask_labels(tokenizer, list(messages), template, pad_to)
+        try:
+            result = mask_labels(tokenizer, list(messages), template, pad_to)
+        except ValueError as exc:  # the tokenizer's refusal of special-token text: name where it comes from
+            if "special token" not in str(exc):
+                raise
+            raise AssertionError(
+                f"mask_labels({what}) raised ValueError: {str(exc).splitlines()[0]} The template's markup holds "
+                "its special tokens on purpose: encode markup segments with tokenizer.encode(text, "
+                "allowed_special=set(template.special_tokens)), content with tokenizer.encode_ordinary(text)"
+            ) from None
         if result is None:
             raise AssertionError("mask_labels returned None; did you forget `return input_ids, labels`?")
         if not isinstance(result, (tuple, list)) or len(result) != 2:
@@ -312,6 +325,19 @@ def _forward_hint(got: Tensor, base: nn.Linear, x: Tensor, A: Tensor, B: Tensor,
     return next((f"; {h}" for wrong, h in candidates if _close(got, wrong)), "")
 
 
+def _merge_or_unmerge(module: nn.Module, method: str, name: str) -> None:
+    """Call ``module.merge()`` or ``unmerge()``; autograd's complaint about changing a weight becomes the hint."""
+    try:
+        getattr(module, method)()
+    except (RuntimeError, TypeError, ValueError) as exc:
+        if "leaf" in str(exc) or "requires grad" in str(exc):
+            raise AssertionError(f"{name}: {method}() failed with {type(exc).__name__}: {str(exc).splitlines()[0]} "
+                                 f"Change the weight in place under torch.no_grad() (decorate {method} with "
+                                 "@torch.no_grad()): the weight update is not part of any computation to "
+                                 "differentiate") from None
+        raise
+
+
 def _check_module(cls, seed: int) -> None:
     """One LoRA layer on a lone nn.Linear: forward, gradients, merge and unmerge, dropout; against LoRALinear."""
     n_in, n_out = 24, 40
@@ -360,8 +386,7 @@ def _check_module(cls, seed: int) -> None:
         W = linear.weight.detach().clone()
         reference.merge()
         merged_W = reference.base.weight.detach().clone()
-    result = mine.merge()
-    del result  # merge() may return self or None
+    _merge_or_unmerge(mine, "merge", name)  # it may return self or None
     got_W = mine.base.weight.detach()
     if not _close(got_W, merged_W):
         delta = B @ A
@@ -383,12 +408,12 @@ def _check_module(cls, seed: int) -> None:
                 "(keep a flag, self.merged)" if _close(got, before + (x @ A.T @ B.T) * ALPHA / R) else "")
         raise AssertionError(f"{name}: after merge() the output changed by up to {_max_error(got, before):.3g}; "
                              f"merging must not change what the layer computes{hint}")
-    mine.merge()
+    _merge_or_unmerge(mine, "merge", name)
     if not _close(mine.base.weight.detach(), merged_W):
         raise AssertionError(f"{name}: a second merge() changed base.weight again: it must do nothing when the "
                              "adapter is already merged (keep a flag, self.merged)")
     # unmerge: W back, up to float rounding
-    mine.unmerge()
+    _merge_or_unmerge(mine, "unmerge", name)
     got_W = mine.base.weight.detach()
     if _max_error(got_W, W) > 1e-6:
         hint = next((f"; {h}" for wrong, h in [
@@ -403,7 +428,7 @@ def _check_module(cls, seed: int) -> None:
     if not _close(got, before):
         raise AssertionError(f"{name}: after merge() and unmerge() the output differs from before by up to "
                              f"{_max_error(got, before):.3g}: once unmerged, forward adds the low-rank path again")
-    mine.unmerge()
+    _merge_or_unmerge(mine, "unmerge", name)
     if _max_error(mine.base.weight.detach(), W) > 1e-6:
         raise AssertionError(f"{name}: unmerge() of a layer that is not merged changed base.weight: it must do "
                              "nothing then")
@@ -447,12 +472,15 @@ def _peft_model(base: GPT, targets: Sequence[str], weights: dict[str, tuple[Tens
     import peft  # imported here: a few seconds, and only this check needs it
 
     config = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets))
-    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    return _load_peft(peft.get_peft_model(copy.deepcopy(base), config), weights).eval()
+
+
+def _load_peft(theirs: nn.Module, weights: dict[str, tuple[Tensor, Tensor]]) -> nn.Module:
     with torch.no_grad():
         for name, (A, B) in weights.items():
             theirs.get_submodule(f"base_model.model.{name}.lora_A.default").weight.copy_(A)
             theirs.get_submodule(f"base_model.model.{name}.lora_B.default").weight.copy_(B)
-    return theirs.eval()
+    return theirs
 
 
 def _check_model(my_apply_lora, preset: str, seed: int):
@@ -503,7 +531,7 @@ def _check_model(my_apply_lora, preset: str, seed: int):
 
     # the same adapter weights into the reader's model and peft's: outputs, gradients, merged weights
     weights = _load_same(model, expected_names, seed + 100)
-    theirs = _peft_model(base, targets, weights)
+    _load_peft(theirs, weights)
     model.eval()
     logits, loss = model(x[:, :-1], x[:, 1:])
     logits_p, loss_p = theirs(x[:, :-1], x[:, 1:])
