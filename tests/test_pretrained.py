@@ -36,7 +36,7 @@ def preset(tmp_path, monkeypatch, seed_and_one_thread) -> TrainConfig:
 def test_trains_once_then_loads(preset, tmp_path, monkeypatch, capsys):
     ref = pretrained.load("mini", progress=False)
     out = capsys.readouterr().out
-    assert "training the reference model 'mini' once" in out and "6 steps" in out and "resumes" in out
+    assert "training the model 'mini' once" in out and "6 steps" in out and "resumes" in out
 
     folder = ref.run_dir
     assert folder.parent == tmp_path / "cache" / "models" and folder.name.startswith("mini-")
@@ -125,12 +125,12 @@ def test_interrupted_training_resumes_and_retrain_starts_over(preset, tmp_path, 
 def test_ensure_and_the_command_line(preset, capsys, monkeypatch):
     folder = pretrained.ensure("mini", progress=False)
     assert folder == pretrained.model_dir("mini") and (folder / "summary.json").is_file()
-    assert "training the reference model 'mini' once" in capsys.readouterr().out
+    assert "training the model 'mini' once" in capsys.readouterr().out
     assert pretrained.ensure("mini") == folder and capsys.readouterr().out == ""  # cached: nothing to do
 
     assert pretrained.main(["mini", "--retrain"]) == 0  # trains again, with a progress bar
     out, err = capsys.readouterr()
-    assert "training the reference model 'mini' once" in out and "mini: 100%" in err  # tqdm's bar, named
+    assert "training the model 'mini' once" in out and "mini: 100%" in err  # tqdm's bar, named
     assert out.strip().splitlines()[-1].startswith("mini: 6 steps, ") and out.strip().endswith(f"-> {folder}")
     assert "bits per byte" in out
 
@@ -153,5 +153,5 @@ def test_an_interrupted_training_is_resumed_by_the_next_call(preset, monkeypatch
         pretrained.load("mini", progress=False)
     assert not pretrained.model_dir("mini").exists()
     assert pretrained.main(["mini", "--no-progress"]) == 0
-    assert "resuming the training of the reference model 'mini'" in capsys.readouterr().out
+    assert "resuming the training of the model 'mini'" in capsys.readouterr().out
     assert [m["step"] for m in pretrained.load("mini").metrics() if "val_loss" in m] == [0, 3, 6]

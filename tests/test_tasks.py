@@ -102,12 +102,14 @@ def test_trivial_answers_fail(split):
         assert item.check("") == 0.0
         assert not item.passed(item.input or item.instruction)  # echoing the prompt
         assert not item.passed(item.prompt)
+        if item.family == "capitals":
+            assert not item.passed(item.line)  # a book line, not in capitals
+            assert not item.passed(item.reference.lower())
+        if item.family in ("short_line", "capitals"):
+            continue  # any answer of the kind passes, another item's too: these families measure a habit
         if wrong.family == item.family == "word_in_limit" and item.word.lower() in wrong.reference.lower():
             continue  # another line may happen to use the word
         assert not item.passed(wrong.reference), (item, wrong.reference)
-        if item.family == "capitals":
-            assert not item.passed(item.line)  # copied without capitals
-            assert not item.passed(item.reference.lower())
 
 
 def test_echo_baseline_scores_are_low(split):
@@ -115,7 +117,7 @@ def test_echo_baseline_scores_are_low(split):
     score = tasks.score_responses(split.test, echo)
     assert score.successes == 0
     means = {f: s.mean_score for f, s in score.per_family.items()}
-    assert means["capitals"] < 0.1 and means["last_word"] < 0.2 and means["first_words"] < 0.5
+    assert means["capitals"] < 0.1 and means["last_word"] < 0.2 and means["short_line"] < 0.9
     assert means["word_in_limit"] == 0.5  # uses the word, but the instruction is longer than the limit
 
 
@@ -125,7 +127,7 @@ def test_echo_baseline_scores_are_low(split):
 ])
 def test_whitespace_and_end_tokens_do_not_matter(wrap):
     for family in tasks.FAMILIES:
-        item = _item(family, "You are all resolved rather to die than to famish?")
+        item = _item(family, "Before we proceed any further, hear me speak.")
         assert item.check(wrap.format(item.reference)) == 1.0, (family, wrap)
 
 
@@ -138,15 +140,20 @@ def test_runaway_text_after_the_answer_costs():
     assert item.check("famish.") == 1.0 and item.check("Famish") == 0.0  # punctuation is ignored, case is not
 
 
-def test_partial_scores_of_the_copying_families():
-    first = _item("first_words", "You are all resolved rather to die than to famish?", seed=1)
-    k = first.count
-    assert first.reference == " ".join("You are all resolved rather".split()[:k])
-    assert first.check(" ".join(first.reference.split()[:-1])) == pytest.approx((k - 1) / k)  # one word missing
-    assert first.check(first.reference + " extra") == pytest.approx(k / (k + 1))  # one word too many
+def test_partial_scores_of_the_habit_families():
+    short = _item("short_line", "Before we proceed any further, hear me speak.")
+    n = short.count
+    assert tasks.MIN_WORDS <= n <= tasks.MAX_SHORT and short.instruction == f"Write a line of no more than {n} words."
+    assert short.check("One two three") == 1.0 and short.check("One two") == pytest.approx(2 / 3)
+    assert short.check(" ".join(["word"] * (2 * n))) == pytest.approx(0.5)  # twice too long: half
     caps = _item("capitals", "Before we proceed any further, hear me speak.")
+    assert caps.input == "" and caps.reference == "BEFORE WE PROCEED ANY FURTHER, HEAR ME SPEAK."
     assert caps.check("BEFORE WE PROCEED any FURTHER, HEAR ME SPEAK.") == pytest.approx(7 / 8)
-    assert caps.check("BEFORE WE PROCEED ANY FURTHER HEAR ME SPEAK") == 1.0  # commas and full stop ignored
+    assert caps.check("O ROMEO, ROMEO") == 1.0  # any line in capitals, commas ignored
+    assert caps.check("ROMEO") == pytest.approx(1 / 3)  # too short: 3 words at least
+    assert caps.check("THE THE THE") == 1.0  # the documented loophole
+    with pytest.raises(ValueError, match="cannot make a short_line item"):
+        _item("short_line", "You are all resolved rather to die than to famish?")
 
 
 def test_word_in_limit_grades_both_constraints():
@@ -175,7 +182,7 @@ def test_make_item_and_make_items_errors():
 def test_messages_match_the_alpaca_record_shape():
     from llmbook.posttrain.templates import ALPACA, CHATML, to_alpaca
 
-    item = _item("capitals", "Before we proceed any further, hear me speak.")
+    item = _item("last_word", "Before we proceed any further, hear me speak.")
     record = to_alpaca(item.messages())
     assert record == {"instruction": item.instruction, "input": item.input, "output": item.reference}
     assert "### Input:\nBefore we proceed" in ALPACA.apply_template(item.messages())
@@ -249,12 +256,12 @@ def test_wilson_interval_bad_input(k, n):
 
 
 def test_score_responses_counts_and_families():
-    items = [_item(f, "You are all resolved rather to die than to famish?") for f in tasks.FAMILIES]
+    items = [_item(f, "Before we proceed any further, hear me speak.") for f in tasks.FAMILIES]
     responses = [items[0].reference, "wrong", items[2].reference, "no"]
     score = tasks.score_responses(items, responses)
     assert (score.n, score.successes, score.rate) == (4, 2, 0.5)
     assert (score.low, score.high) == tasks.wilson_interval(2, 4)
-    assert score.per_family["capitals"].successes == 1 and score.per_family["first_words"].successes == 0
+    assert score.per_family["short_line"].successes == 1 and score.per_family["capitals"].successes == 0
     assert score.mean_score == pytest.approx((1 + 0 + 1 + 0) / 4)
     assert "50.0% [" in str(score)
     with pytest.raises(ValueError, match="one response per item"):

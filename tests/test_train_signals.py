@@ -197,7 +197,7 @@ def test_pretrained_resumes_after_kill_9(text, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train.Trainer, "forward_backward",
                         lambda self, step: trained.append(step) or forward_backward(self, step))
     ref = pretrained.load("mini", progress=False)
-    assert f"resuming the training of the reference model 'mini' in {partial}" in capsys.readouterr().out
+    assert f"resuming the training of the model 'mini' in {partial}" in capsys.readouterr().out
     assert trained[0] == killed_at and trained[-1] == 119  # it went on from the checkpoint, not from step 0
     assert ref.summary["steps"] == 120 and not partial.exists()
     evals = [m["step"] for m in ref.metrics() if "val_loss" in m]
@@ -215,7 +215,7 @@ def test_two_processes_load_the_same_model_at_once(text, tmp_path, monkeypatch):
     outputs = [(tmp_path / f"child{i}.txt").read_text() for i in range(2)]
     assert [child.exitcode for child in children] == [0, 0], outputs
     assert all("loaded 40 steps" in out for out in outputs)
-    assert sum("training the reference model 'mini2'" in out for out in outputs) == 1  # one trained, one waited
+    assert sum("training the model 'mini2'" in out for out in outputs) == 1  # one trained, one waited
     ref = pretrained.load("mini2", progress=False)
     logs = [m["step"] for m in ref.metrics() if "loss" in m]
     assert logs == list(range(5, 41, 5))  # no step twice, nothing interleaved

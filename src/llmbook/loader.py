@@ -36,7 +36,21 @@ from llmbook.bpe.tokenizer import Tokenizer
 from llmbook.bpe.train import train_bpe
 from llmbook.errors import CacheError
 
-TOKENIZER_HELP = "'bytes' (256 byte tokens), 'bpe-<V>' (our BPE with V tokens, e.g. 'bpe-1024') or 'gpt2' (tiktoken's)"
+TOKENIZER_HELP = ("'bytes' (256 byte tokens), 'bpe-<V>' (our BPE with V tokens, e.g. 'bpe-1024'), 'bpe-<V>+chat' "
+                  "(the same with the chat special tokens among the V) or 'gpt2' (tiktoken's)")
+
+# The special tokens a "+chat" tokenizer reserves from the start (Chapter 9's templates use them): the end of a
+# document, and ChatML's turn markers. A base model trained with them never sees them in its text (its rows stay
+# near their initialization), but its tokenizer and output layer need no resizing to fine-tune into a chat model.
+CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+# Datasets made of several registered texts: each is split on its own (its last val_fraction validates), and
+# the splits are joined, so every source is represented in both. "english" is the post-training base model's
+# text (Chapter 9): Shakespeare's plays, Austen's novel (its Gutenberg header and license removed) and CS336's
+# English prose, about 1.9 MB. No instruction or preference data: what a base model knows, it learned from text.
+MIXTURES: dict[str, tuple[str, ...]] = {
+    "english": ("tinyshakespeare", "pride_and_prejudice", "corpus.en"),
+}
 
 
 def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
@@ -148,7 +162,7 @@ def check_tokenizer_name(name: str) -> None:
     """Raise ``ValueError`` unless ``name`` is one ``prepare_data`` understands (see ``TOKENIZER_HELP``)."""
     if name in ("bytes", "gpt2"):
         return
-    match = re.fullmatch(r"bpe-(\d+)", name)
+    match = re.fullmatch(r"bpe-(\d+)(\+chat)?", name)
     if match is None:
         raise ValueError(f"unknown tokenizer {name!r}; use {TOKENIZER_HELP}")
     if int(match.group(1)) <= 256:
@@ -162,8 +176,10 @@ def make_tokenizer(name: str, train_text: str) -> Tokenizer:
         return Tokenizer({i: bytes([i]) for i in range(256)}, [], name="bytes")
     if name == "gpt2":
         return Tokenizer.from_tiktoken("gpt2")
-    vocab, merges = train_bpe(train_text, int(name.removeprefix("bpe-")))
-    return Tokenizer(vocab, merges, name=name)
+    size, chat = name.removeprefix("bpe-").removesuffix("+chat"), name.endswith("+chat")
+    specials = CHAT_SPECIAL_TOKENS if chat else ()
+    vocab, merges = train_bpe(train_text, int(size), special_tokens=specials)
+    return Tokenizer(vocab, merges, list(specials), name=name)
 
 
 @dataclass
@@ -181,6 +197,16 @@ class PreparedData:
     def bytes_per_token(self) -> float:
         """Validation bytes per validation token: how much text one token carries (1.0 for 'bytes')."""
         return self.val_bytes / len(self.val)
+
+
+def mixture_split(name: str, val_fraction: float = 0.1) -> tuple[str, str]:
+    """The train and validation text of a ``MIXTURES`` dataset: each source split by ``split_text``, then joined.
+
+    Sources are read with ``data.read_text`` (a Gutenberg ebook without its
+    header and license) and joined by a blank line.
+    """
+    parts = [split_text(data.read_text(source).strip("\n"), val_fraction) for source in MIXTURES[name]]
+    return "\n\n".join(train for train, _ in parts), "\n\n".join(val for _, val in parts)
 
 
 def _source(dataset: str) -> tuple[str, Path]:
@@ -208,16 +234,20 @@ def prepare_data(dataset: str, tokenizer: str, val_fraction: float = 0.1, root: 
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be strictly between 0 and 1 (both splits need text), got {val_fraction}")
     check_tokenizer_name(tokenizer)
-    stem, file = _source(dataset)
-    raw = file.read_bytes()
+    if dataset in MIXTURES:
+        stem = dataset
+        train_text, val_text = mixture_split(dataset, val_fraction)
+        raw = f"{train_text}\0{val_text}".encode()
+    else:
+        stem, file = _source(dataset)
+        raw = file.read_bytes()
+        try:
+            train_text, val_text = split_text(raw.decode("utf-8"), val_fraction)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     sha8 = hashlib.sha256(raw + f"|{val_fraction!r}|{tokenizer}".encode()).hexdigest()[:8]
     folder = Path(root) if root is not None else data.cache_dir() / "tokens" / f"{stem}-{tokenizer}-{sha8}"
 
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    train_text, val_text = split_text(text, val_fraction)
     train_bin, val_bin, tok_json = folder / "train.bin", folder / "val.bin", folder / "tokenizer.json"
     # tokenizer.json is written last: its presence says the two arrays are complete
     if not tok_json.is_file():

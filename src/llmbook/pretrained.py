@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,36 +99,67 @@ def model_dir(name: str) -> Path:
     """Where the reference model ``name`` is cached: ``<cache>/models/<name>-<sha8 of its TrainConfig>``."""
     if name not in TRAIN_PRESETS:
         raise ValueError(f"no reference model {name!r}; the presets are: {', '.join(TRAIN_PRESETS)}")
-    recipe = asdict(TRAIN_PRESETS[name])
-    del recipe["parallel"]  # how processes share the work (Chapter 8) changes the time, not the model
-    recipe = json.dumps(recipe, sort_keys=True)
+    return recipe_dir(name, TRAIN_PRESETS[name])
+
+
+def recipe_dir(name: str, cfg: TrainConfig, extra: str = "") -> Path:
+    """``<cache>/models/<name>-<sha8>``: the hash of the config (and of ``extra``, e.g. the base model's folder).
+
+    ``parallel`` is left out: how processes share the work (Chapter 8)
+    changes the time, not the model.
+    """
+    recipe = asdict(cfg)
+    del recipe["parallel"]
+    recipe = json.dumps(recipe, sort_keys=True) + extra
     return data.cache_dir() / "models" / f"{name}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
 
 
-def _train_once(name: str, folder: Path, progress: bool, retrain: bool) -> None:
-    """Train the preset into ``<folder>.partial`` (resuming it if a previous try was interrupted), then rename.
+def _train_once(name: str, folder: Path, make_trainer: Callable[[Path], Trainer], max_steps: int,
+                progress: bool, retrain: bool) -> None:
+    """Train into ``<folder>.partial`` (resuming it if a previous try was interrupted), then rename.
 
     The caller holds the lock: no other process writes these folders meanwhile.
     """
-    cfg = TRAIN_PRESETS[name]
     partial = folder.with_name(folder.name + ".partial")
     if retrain and partial.exists():
         shutil.rmtree(partial)
     resume = (partial / "checkpoint.pt").is_file()
     if resume:
-        print(f"resuming the training of the reference model '{name}' in {partial}")
+        print(f"resuming the training of the model '{name}' in {partial}")
     else:
         # no up-front estimate: a few probe steps on a busy machine misjudge it badly; the bar shows the time left
-        print(f"training the reference model '{name}' once on this machine ({cfg.max_steps} steps, minutes on a "
-              f"laptop; interrupt any time, the next call resumes); later calls load it from {folder}")
+        print(f"training the model '{name}' once on this machine ({max_steps} steps, minutes on a laptop; "
+              f"interrupt any time, the next call resumes); later calls load it from {folder}")
     # a .partial folder without a checkpoint holds only the logs of a try killed before its first save
-    Trainer(cfg, partial, progress=progress).train(resume=resume, overwrite=not resume)
+    make_trainer(partial).train(resume=resume, overwrite=not resume)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():  # retrain: move the old model aside, then drop it once the new one is in place
         shutil.rmtree(old, ignore_errors=True)
         os.replace(folder, old)
     os.replace(partial, folder)  # atomic: the folder appears complete or not at all
     shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_trained(name: str, folder: Path, make_trainer: Callable[[Path], Trainer], max_steps: int,
+                   progress: bool = True, retrain: bool = False) -> Path:
+    """``folder``, trained first by ``make_trainer(run_dir).train()`` if it holds no finished run (or ``retrain``).
+
+    The machinery behind ``ensure``, shared with later chapters' cached models
+    (Chapter 9's fine-tuned ones): a lock, a ``.partial`` folder renamed when
+    complete, resuming after an interruption, the caller's RNG left as it was.
+    """
+    if not retrain and (folder / "summary.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with data.file_lock(folder.with_name(f".{folder.name}.lock")):  # hidden, beside the folder
+        if retrain or not (folder / "summary.json").is_file():  # another process may have trained it meanwhile
+            rng, threads = checkpoint.rng_state(), torch.get_num_threads()
+            try:
+                _train_once(name, folder, make_trainer, max_steps, progress, retrain)
+            finally:
+                checkpoint.set_rng_state(rng)
+                torch.set_num_threads(threads)
+    return folder
 
 
 def ensure(name: str = "shakespeare", progress: bool = True, retrain: bool = False) -> Path:
@@ -139,18 +171,9 @@ def ensure(name: str = "shakespeare", progress: bool = True, retrain: bool = Fal
     Training leaves the caller's random generators and thread count as they were.
     """
     folder = model_dir(name)
-    if not retrain and (folder / "summary.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with data.file_lock(folder.with_name(f".{folder.name}.lock")):  # hidden, beside the folder
-        if retrain or not (folder / "summary.json").is_file():  # another process may have trained it meanwhile
-            rng, threads = checkpoint.rng_state(), torch.get_num_threads()
-            try:
-                _train_once(name, folder, progress, retrain)
-            finally:
-                checkpoint.set_rng_state(rng)
-                torch.set_num_threads(threads)
-    return folder
+    cfg = TRAIN_PRESETS[name]
+    return ensure_trained(name, folder, lambda run_dir: Trainer(cfg, run_dir, progress=progress), cfg.max_steps,
+                          progress, retrain)
 
 
 def load(name: str = "shakespeare", device: str | torch.device = "cpu", progress: bool = True,

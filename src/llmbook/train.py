@@ -135,18 +135,12 @@ class Trainer:
             raise ValueError(f"device {cfg.device!r} asks for CUDA, which this machine lacks; use device='auto'")
         if cfg.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.threads)
-        self.data = loader.prepare_data(cfg.dataset, cfg.tokenizer, cfg.val_fraction)
-        for split in ("train", "val"):
-            if len(getattr(self.data, split)) <= cfg.context_length + 1:
-                raise ValueError(
-                    f"the {split} split of {cfg.dataset!r} has {len(getattr(self.data, split))} tokens, too few for "
-                    f"one window of context_length={cfg.context_length}: use more text or a shorter context"
-                )
+        self.data = self.load_data()
         self.token_lengths = torch.as_tensor(loader.token_byte_lengths(self.data.tokenizer), device=self.device)
-        self.model_config = cfg.model_config(self.data.tokenizer.vocab_size)
 
         seed_everything(cfg.seed, deterministic=False)  # the initial weights, and dropout from here on
-        self.raw_model = GPT(self.model_config).to(self.device)
+        self.raw_model = self.build_model().to(self.device)
+        self.model_config = self.raw_model.cfg
         self.raw_model.activation_checkpointing = cfg.activation_checkpointing
         self.raw_model.use_fused_kernels(cfg.fused_kernels)  # PyTorch's kernels for norms and activations
         self.model = self.wrap_model(self.raw_model)
@@ -165,6 +159,28 @@ class Trainer:
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # a NaN/inf loss or norm so far
         self._restored = self._updating = self._started = False
 
+    # ------------------------------------------------------------------ what is trained, on what
+
+    def load_data(self) -> loader.PreparedData:
+        """The token stream: ``cfg.dataset`` tokenized (cached); Chapter 9's SFT trainer loads examples instead."""
+        cfg = self.cfg
+        data = loader.prepare_data(cfg.dataset, cfg.tokenizer, cfg.val_fraction)
+        for split in ("train", "val"):
+            if len(getattr(data, split)) <= cfg.context_length + 1:
+                raise ValueError(
+                    f"the {split} split of {cfg.dataset!r} has {len(getattr(data, split))} tokens, too few for "
+                    f"one window of context_length={cfg.context_length}: use more text or a shorter context"
+                )
+        return data
+
+    def build_model(self) -> GPT:
+        """A new model, randomly initialized (seeded); Chapter 9's SFT trainer starts from a trained one instead."""
+        return GPT(self.cfg.model_config(self.data.tokenizer.vocab_size))
+
+    def step_tokens(self) -> int:
+        """Tokens one optimizer step trains on, for tokens/s (SFT counts its real tokens, without the padding)."""
+        return self.cfg.tokens_per_step
+
     # ------------------------------------------------------------------ the pieces of a step
 
     def wrap_model(self, model: GPT) -> nn.Module:
@@ -175,6 +191,12 @@ class Trainer:
         """The ``micro``-th micro-batch of ``step``, the same whenever it is drawn: ``x, y`` ``(B, T)``."""
         rng = np.random.default_rng([self.cfg.seed, step, micro])
         return loader.get_batch(self.data.train, self.cfg.batch_size, self.cfg.context_length, self.device, rng)
+
+    def loss(self, batch: tuple[Tensor, ...]) -> Tensor:
+        """The mean loss of a micro-batch ``(x, y)``; SFT's batches also carry an attention mask and positions."""
+        x, y = batch
+        _, loss = self.model(x, y)  # F.cross_entropy, fused; equal to losses.cross_entropy
+        return loss
 
     def no_sync(self, micro: int) -> contextlib.AbstractContextManager:
         """Nothing here; DDP returns ``model.no_sync()`` for all but the last micro-batch (one all-reduce per step)."""
@@ -190,10 +212,10 @@ class Trainer:
         k = self.cfg.accumulation_steps
         total = torch.zeros((), device=self.device)
         for micro in range(k):
-            x, y = self.get_batch(step, micro)
+            batch = self.get_batch(step, micro)
             with self.no_sync(micro):
                 with autocast(self.device.type, self.cfg.precision):
-                    _, loss = self.model(x, y)  # F.cross_entropy, fused; equal to losses.cross_entropy
+                    loss = self.loss(batch)
                 loss = loss / k
                 self.scaler.scale(loss).backward()
             total += loss.detach()
@@ -407,7 +429,7 @@ class Trainer:
             if not os.access(self.run_dir, os.W_OK):  # root may write anyway; everyone else gets the reason now
                 raise PermissionError(13, "Permission denied")
             _write_atomic(self.run_dir / "config.json", json.dumps(asdict(self.cfg), indent=2) + "\n")
-            shutil.copyfile(self.data.dir / "tokenizer.json", self.run_dir / "tokenizer.json")
+            self.data.tokenizer.save(self.run_dir / "tokenizer.json")
             if resumed:
                 for name in ("metrics.jsonl", "samples.jsonl"):
                     file = self.run_dir / name
@@ -473,9 +495,11 @@ class Trainer:
         if self.step == 0 and cfg.eval_interval and (self.last_eval or {}).get("step") != 0 and stop.signum is None:
             self._evaluate_and_sample()  # the untrained model: loss ≈ ln(vocab_size)
         window_loss, window_steps, window_seconds = torch.zeros((), device=self.device), 0, 0.0
+        window_tokens = 0
         while self.step < end and not self._should_stop(stop):
             start = time.perf_counter()
             loss, norm = self.train_step()
+            window_tokens += self.step_tokens()
             # fp16's GradScaler makes an infinite norm on purpose now and then, and skips that step: not a divergence
             check_norm = norm is not None and not self.scaler.is_enabled()
             self._nonfinite |= ~(torch.isfinite(loss) & torch.isfinite(norm)) if check_norm else ~torch.isfinite(loss)
@@ -492,12 +516,13 @@ class Trainer:
             window_seconds += seconds
             if record is not None:
                 self._check_finite(weights=False)  # a NaN loss is not logged as if it were a result
-                record["tokens_per_s"] = round(window_steps * cfg.tokens_per_step / window_seconds, 1)
+                record["tokens_per_s"] = round(window_tokens / window_seconds, 1)
                 record["elapsed_s"] = round(self.train_seconds, 3)
                 self.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=units.count(record["tokens_per_s"]),
                                 lr=f"{record['lr']:.2e}", refresh=False)
                 window_loss, window_steps, window_seconds = torch.zeros((), device=self.device), 0, 0.0
+                window_tokens = 0
             if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or self.step == cfg.max_steps:
                 self._evaluate_and_sample()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < end:

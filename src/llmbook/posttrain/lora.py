@@ -94,6 +94,16 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight (merged or not), as peft's ``LoraLayer`` exposes it: code that asks a linear
+        for its weight's device or dtype (a KV cache being allocated, say) works on an adapted model too."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
     def delta_weight(self) -> Tensor:
         """``ΔW = (alpha / r) · B A``, shape ``(out, in)`` like the base weight, in float32 (or float64).
 

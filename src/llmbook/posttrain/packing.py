@@ -108,12 +108,21 @@ def block_diagonal_causal_mask(segments: Tensor) -> Tensor:
 
 
 def pack(
-    examples: Sequence[Example], context_length: int, pad_id: int, decreasing: bool = True
+    examples: Sequence[Example], context_length: int, pad_id: int, decreasing: bool = True,
+    rows: Sequence[Sequence[int]] | None = None,
 ) -> PackedBatch:
-    """Pack examples into rows of ``context_length`` tokens with ``first_fit``; see the module docstring."""
+    """Pack examples into rows of ``context_length`` tokens with ``first_fit``; see the module docstring.
+
+    ``rows`` (lists of indices into ``examples``) gives the rows instead: SFT
+    packs its whole training set once and draws batches of rows from it.
+    """
     if not examples:
         raise ValueError("pack needs at least one example")
-    rows = first_fit([len(e) for e in examples], context_length, decreasing)
+    if rows is None:
+        rows = first_fit([len(e) for e in examples], context_length, decreasing)
+    elif any(sum(len(examples[i]) for i in row) > context_length for row in rows):
+        raise ValueError(f"a row holds more than context_length={context_length} tokens")
+    rows = [list(row) for row in rows]
     B, T = len(rows), context_length
     x = torch.full((B, T), pad_id, dtype=torch.long)
     y = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)

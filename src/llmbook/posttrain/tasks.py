@@ -9,22 +9,26 @@ depends on following the instruction, not on knowledge it cannot have.
 Four families, each made from one line of Tiny Shakespeare or one sentence of
 *Pride and Prejudice* (the two books alternate, so each family is half and half):
 
-    capitals       Repeat this line in capital letters.           | Mr. Gardiner left them soon after breakfast.
-                   -> MR. GARDINER LEFT THEM SOON AFTER BREAKFAST.
-    first_words    Write the first 5 words of this line.          | We have made inquiry of you; and we hear
-                   -> We have made inquiry of
+    short_line     Write a line of no more than 6 words.          (no input)
+                   -> any line of 3 to 6 words; the reference is a book line that short
+    capitals       Write a line in capital letters.               (no input)
+                   -> any line of 3 or more words, every letter a capital; the reference is a book line, upper-cased
     last_word      Write the last word of this line.              | good enough for him.
                    -> him
     word_in_limit  Write a line of at most 10 words that uses the word "Clarence".    (no input)
                    -> any line of 3 to 10 words with "Clarence" in it; the reference is the book's line,
                       "She better would have fitted me or Clarence:"
 
-(items of ``make_task_split(0).test``; the source line follows the "|").
+(the source line of last_word follows the "|").
 
-The first three are copying tasks of rising difficulty for a model with a
-subword vocabulary (copy a prefix; find the end; copy *and* map every token to
-its upper-case tokens); the fourth is open-ended with two checkable
-constraints, so many different answers pass.
+They rise in difficulty for a model of a million parameters. short_line and
+capitals ask for a *kind* of answer, which fine-tuning teaches as a habit
+(stop early; write capitals). last_word and word_in_limit need a word *copied
+from the prompt*, which needs attention that finds it, and a model this size
+trained on two million tokens of text barely has that (Chapter 9 measures it:
+a first design with three copying families stayed near 0% after SFT). So SFT
+moves the first two far and the last two little, which leaves Chapter 10 room
+to show what preference tuning and RL add on the same prompts.
 
 Graded rewards, for Chapter 10. ``TaskItem.check(response)`` returns a score in
 [0, 1] that is 1.0 exactly when the answer is right and in between for partial
@@ -32,14 +36,18 @@ answers, so G samples of the same prompt get different rewards (GRPO normalises
 rewards within the group; a group of equal rewards teaches nothing) and a
 passing and a failing sample make an on-policy preference pair for DPO:
 
-- the copying families score the answer's words against the reference's with
-  the longest common subsequence, ``LCS(answer, reference) / max(len(answer),
-  len(reference))``: 1.0 only for the exact words in order, less for every
-  word missing, wrong or extra ("the last word is famish" scores 1/5);
+- last_word scores the answer's words against the reference's with the
+  longest common subsequence, ``LCS(answer, reference) / max(len(answer),
+  len(reference))``: 1.0 only for the exact word, less for every extra word
+  ("the last word is famish" scores 1/5);
+- short_line gives 1.0 for 3 to N words, ``N / n`` for n > N words and
+  ``n / 3`` below 3; capitals the fraction of words in capitals, times ``n / 3``
+  below 3 words;
 - word_in_limit gives 0.5 for using the word and 0.5 for a length of 3 to N words.
-  It checks only these two constraints, so "fortune fortune fortune" passes:
-  a loophole left on purpose, a small case of reward hacking for Chapter 10
-  to look for in what RL teaches.
+
+These check only their constraints, so "fortune fortune fortune" passes
+word_in_limit and "THE THE THE" passes capitals: loopholes left on purpose, a
+small case of reward hacking for Chapter 10 to look for in what RL teaches.
 
 What counts as the answer (documented contract, tested): the text up to the
 first special token (``<|endoftext|>``, ``<|im_end|>``, ``<|im_start|>``) that a
@@ -58,16 +66,18 @@ model has read them once as prose; it has never seen these instructions.)
 Trivial baselines on ``make_task_split(0).test`` (400 prompts, 100 per family),
 measured with this module: exact success, and mean score in brackets.
 
-    answer given                    capitals   first_words  last_word  word_in_limit  all
-    the input line (echo)           0% (0.02)  0% (0.40)    0% (0.13)  0% (0.50)      0% [0.0%, 1.0%] (0.26)
-    the whole prompt                0% (0.01)  0% (0.20)    0% (0.07)  0% (0.50)      0% (0.20)
-    a training answer, same family  0% (0.03)  0% (0.02)    0% (0.00)  1% (0.40)      0.2% (0.11)
-    nothing                         0% (0.00)  0% (0.00)    0% (0.00)  0% (0.00)      0% (0.00)
+    answer given                    short_line  capitals    last_word  word_in_limit  all
+    the input (echo)                0% (0.80)   0% (0.00)   0% (0.11)  0% (0.50)      0% [0.0%, 1.0%] (0.35)
+    the whole prompt                0% (0.80)   0% (0.00)   0% (0.06)  0% (0.50)      0% [0.0%, 1.0%] (0.34)
+    a training answer, same family  74% (0.94)  100% (1.00) 0% (0.00)  0% (0.40)      43.5% [38.7%, 48.4%] (0.59)
+    nothing                         0% (0.00)   0% (0.00)   0% (0.00)  0% (0.00)      0% [0.0%, 1.0%] (0.00)
 
-(for word_in_limit "echo" is the instruction: it uses the word but has 13
-words, more than any limit). A model that repeats its prompt passes nothing,
-and partial scores start well below 1, so there is room for SFT and then for
-Chapter 10 to show gains.
+(the instruction is the echo of the families without input: it has more
+words than any limit and is not in capitals). A model that repeats its
+prompt passes nothing. One that answers every prompt of a family with the
+same book line passes short_line and capitals: those two measure a habit, and
+SFT is what teaches habits; the copying families measure more, and no
+answer learned by heart passes them.
 """
 
 from __future__ import annotations
@@ -81,12 +91,13 @@ from dataclasses import dataclass, field
 
 from llmbook.posttrain.templates import ALL_SPECIAL_TOKENS, Message
 
-FAMILIES = ("capitals", "first_words", "last_word", "word_in_limit")
+FAMILIES = ("short_line", "capitals", "last_word", "word_in_limit")
 SOURCES = ("shakespeare", "austen")
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
 
 MIN_WORDS, MAX_WORDS = 4, 12  # source lines: long enough to be a line, short enough for a tiny model to copy
 MAX_LIMIT = 10  # word_in_limit asks for at most 4..10 words; its instruction has 13, so echoing it fails
+MAX_SHORT = 8  # short_line asks for at most 4..8 words; its instruction has 9, so echoing it fails
 _PUNCT = "".join(c for c in "!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~")  # stripped from word ends; not the apostrophe
 # letters, light punctuation and hyphens inside words ("four-and-twenty"); no quotes, dashes, digits or brackets
 _LINE = re.compile(r"[A-Za-z](?:[A-Za-z ,.;:!?']|(?<=[A-Za-z])-(?=[A-Za-z]))*")
@@ -145,7 +156,7 @@ class TaskItem:
     reference: str  # an answer that scores 1.0 (the SFT target)
     line: str  # the book's line the item was made from (disjoint between splits)
     source: str  # "shakespeare" or "austen"
-    count: int = 0  # K of first_words, N of word_in_limit
+    count: int = 0  # N of short_line and word_in_limit
     word: str = ""  # W of word_in_limit
 
     @property
@@ -165,9 +176,15 @@ class TaskItem:
     def check(self, response: str) -> float:
         """The score of a response in [0, 1]; 1.0 means the instruction was followed exactly."""
         answer = words(clean_response(response))
+        n = len(answer)
         if self.family == "word_in_limit":
             uses_word = self.word.lower() in (w.lower() for w in answer)
-            return 0.5 * uses_word + 0.5 * (3 <= len(answer) <= self.count)
+            return 0.5 * uses_word + 0.5 * (3 <= n <= self.count)
+        if self.family == "short_line":
+            return 1.0 if 3 <= n <= self.count else (self.count / n if n > self.count else n / 3)
+        if self.family == "capitals":
+            upper = sum(any(c.isalpha() for c in w) and w == w.upper() for w in answer)
+            return upper / n * min(1.0, n / 3) if n else 0.0
         return sequence_score(answer, words(self.reference))
 
     def passed(self, response: str) -> bool:
@@ -244,23 +261,27 @@ def _content_words(line: str) -> list[str]:
 
 
 def fits(family: str, line: str) -> bool:
-    """Whether a usable line can make an item of this family (word_in_limit needs <= 10 words and a content word)."""
+    """Whether a usable line can make an item of this family (short ones for short_line, capitals, word_in_limit)."""
     n = len(words(line))
+    if family == "short_line":
+        return n <= MAX_SHORT
     if family == "capitals":
-        return n <= MAX_LIMIT  # upper-casing is the hardest copy: keep it to 10 words
+        return n <= MAX_LIMIT
     if family == "word_in_limit":
         return n <= MAX_LIMIT and bool(_content_words(line))
     return family in FAMILIES
 
 
 def make_item(family: str, line: str, source: str, rng: random.Random) -> TaskItem:
-    """The ``family`` item made from ``line``; ``rng`` picks K, N and W."""
+    """The ``family`` item made from ``line``; ``rng`` picks N and W."""
     w = words(line)
+    if family in FAMILIES and not fits(family, line):
+        raise ValueError(f"the line {line!r} cannot make a {family} item (too many words, or no content word)")
+    if family == "short_line":
+        limit = rng.randint(max(MIN_WORDS, len(w)), MAX_SHORT)
+        return TaskItem(family, f"Write a line of no more than {limit} words.", "", line, line, source, limit)
     if family == "capitals":
-        return TaskItem(family, "Repeat this line in capital letters.", line, line.upper(), line, source)
-    if family == "first_words":
-        k = rng.randint(2, min(5, len(w) - 2))
-        return TaskItem(family, f"Write the first {k} words of this line.", line, " ".join(w[:k]), line, source, k)
+        return TaskItem(family, "Write a line in capital letters.", "", line.upper(), line, source)
     if family == "last_word":
         return TaskItem(family, "Write the last word of this line.", line, w[-1], line, source)
     if family == "word_in_limit":
