@@ -483,7 +483,7 @@ def _load_peft(theirs: nn.Module, weights: dict[str, tuple[Tensor, Tensor]]) -> 
     return theirs
 
 
-def _check_model(my_apply_lora, preset: str, seed: int):
+def _check_model(my_apply_lora, preset: str, seed: int) -> None:
     """Apply the reader's LoRA to a tiny GPT; compare names, freezing, counts, outputs, gradients, merge with peft."""
     targets = LORA_TARGETS[preset]
     base = _tiny(preset, seed)
@@ -559,7 +559,6 @@ def _check_model(my_apply_lora, preset: str, seed: int):
                                      f"merge_and_unload by up to {_max_error(got, want):.3g}")
         if not _close(model(x[:, :-1])[0], logits, atol=1e-5):
             raise AssertionError(f"{what}: merging every adapter changed the logits")
-    return cls
 
 
 def _lora_class(my_apply_lora):
