@@ -50,7 +50,8 @@ class BuildError(Exception):
 class Chapter:
     stem: str
     data: list[str] = field(default_factory=list)
-    models: list[str] = field(default_factory=list)  # llmbook.pretrained models trained before execution
+    # models trained before execution: llmbook.pretrained presets, or llmbook.posttrain.sft's (Chapter 9)
+    models: list[str] = field(default_factory=list)
 
     def source(self, kind: str) -> Path:
         return ROOT / kind / f"{self.stem}.md"
@@ -275,10 +276,12 @@ def ensure_models(names: list[str], progress: bool = True) -> None:
 
     for name in names:
         try:
-            if hasattr(pretrained, "ensure"):
+            if name in pretrained.TRAIN_PRESETS:
                 pretrained.ensure(name, progress=progress)
-            else:
-                pretrained.load(name, progress=progress)
+            else:  # Chapter 9's fine-tuned models (they train their base model first if need be)
+                from llmbook.posttrain import sft
+
+                sft.ensure(name, progress=progress)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one line that names the model; the training keeps its checkpoint

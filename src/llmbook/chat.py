@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from llmbook.errors import RunError
+from llmbook.errors import RunError, one_line
 from llmbook.posttrain.chat import check_tokenizer, stream_reply
 from llmbook.posttrain.templates import TEMPLATES, Message
-from llmbook.train import _one_line, load_model
+from llmbook.train import load_model
 
 
 def _load(run_dir: str, template: str):
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
         model, tokenizer = _load(args.model, args.template)
     except (OSError, ValueError, RunError, KeyError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     messages = [Message("system", args.system)] if args.system else []
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(piece, end="", flush=True)
             except ValueError as exc:  # a message too long for the context, a bad option: one line, chat goes on
                 messages.pop()
-                print(f"error: {_one_line(exc)}", file=sys.stderr)
+                print(f"error: {one_line(exc)}", file=sys.stderr)
                 continue
             print(flush=True)
             answer = "".join(pieces)

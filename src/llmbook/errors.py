@@ -46,3 +46,12 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, message: str, step: int, checkpoint: Path | None, checkpoint_step: int | None, signum: int):
         super().__init__(message)
         self.step, self.checkpoint, self.checkpoint_step, self.signum = step, checkpoint, checkpoint_step, signum
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message, first line only (KeyError's without the quotes repr adds): what ``error:`` prints."""
+    if isinstance(exc, OSError) and exc.strerror:
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc) or type(exc).__name__
+    return message.strip().splitlines()[0] if message.strip() else type(exc).__name__

@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 from llmbook import checkpoint, loader, units
 from llmbook.bpe.tokenizer import Tokenizer
 from llmbook.data import ChecksumError, DataNotFoundError
-from llmbook.errors import CheckpointError, DivergedError, Interrupted, RunError
+from llmbook.errors import CheckpointError, DivergedError, Interrupted, RunError, one_line
 from llmbook.generate import generate
 from llmbook.losses import bits_per_byte, cross_entropy
 from llmbook.model import GPT, ModelConfig
@@ -744,15 +744,6 @@ def load_model(run_dir_or_model_pt: Path | str, device: str | torch.device = "cp
     return model.to(device).eval(), load_tokenizer(folder / "tokenizer.json")
 
 
-def _one_line(exc: BaseException) -> str:
-    """An exception's message, first line only (KeyError's without the quotes repr adds)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        message = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    else:
-        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc) or type(exc).__name__
-    return message.strip().splitlines()[0] if message.strip() else type(exc).__name__
-
-
 def _rank_from_env(name: str = "RANK", default: int = 0) -> int:
     """torchrun's ``RANK`` (or another of its variables) as an int; ``default`` when unset or not a number."""
     try:
@@ -804,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
             "was saved", file=sys.stderr)
         return 128 + received[0]
     except (ValueError, OSError, RunError, DataNotFoundError, ChecksumError, KeyError) as exc:
-        say(f"error: {_one_line(exc)}", file=sys.stderr)
+        say(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         if main_thread:

@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from llmbook import checkpoint
-from llmbook.errors import CheckpointError, RunError
+from llmbook.errors import CheckpointError, RunError, one_line
 from llmbook.model import GPT, ModelConfig
 from llmbook.train import DCP_CHECKPOINT
 
@@ -71,11 +71,6 @@ def _quiet_single_process():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled", category=UserWarning)
         yield
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def recover_interrupted_save(folder: Path | str) -> None:
@@ -117,7 +112,7 @@ def save_sharded(folder: Path | str, model: nn.Module, optimizer: torch.optim.Op
     except (OSError, dcp.api.CheckpointException) as exc:
         if _is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"could not write the checkpoint {folder} ({_one_line(exc)}): free disk space or make the "
+        raise RunError(f"could not write the checkpoint {folder} ({one_line(exc)}): free disk space or make the "
                        "folder writable; the previous checkpoint, if any, is untouched") from None
     _barrier()  # nobody goes on (or saves again) before the folder is in place
     return folder
@@ -145,7 +140,7 @@ def load_sharded(folder: Path | str, model: nn.Module, optimizer: torch.optim.Op
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=Path(folder))
     except (OSError, dcp.api.CheckpointException, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{folder} cannot be loaded ({_one_line(exc)}): delete it and start over with "
+        raise CheckpointError(f"{folder} cannot be loaded ({one_line(exc)}): delete it and start over with "
                               "--overwrite, or resume from a good copy") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
@@ -199,7 +194,7 @@ def to_model_file(run_dir: Path | str, out: Path | str | None = None) -> Path:
     try:
         config = ModelConfig(**meta["model_config"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{folder / META} holds no valid model_config ({_one_line(exc)})") from None
+        raise CheckpointError(f"{folder / META} holds no valid model_config ({one_line(exc)})") from None
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG where it was
         model = GPT(config)
     weights = model.state_dict()  # DCP fills these tensors in place
@@ -207,7 +202,7 @@ def to_model_file(run_dir: Path | str, out: Path | str | None = None) -> Path:
         with _quiet_single_process():
             dcp.load({"model": weights}, checkpoint_id=folder)
     except (OSError, dcp.api.CheckpointException, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{folder} cannot be loaded ({_one_line(exc)}): it is damaged or incomplete") from None
+        raise CheckpointError(f"{folder} cannot be loaded ({one_line(exc)}): it is damaged or incomplete") from None
     state_dict = {k: v.detach().cpu() for k, v in weights.items()}
     return checkpoint.save_checkpoint(out, {"model_config": asdict(config), "state_dict": state_dict})
 
@@ -223,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = to_model_file(args.run_dir, args.out)
     except (OSError, RunError, ValueError) as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0
