@@ -335,11 +335,13 @@ SFT_PRESETS: dict[str, SFTConfig] = {
     # are about 6 epochs of the 3,000 examples. On a 2-core machine: ~2.5 minutes.
     "sft-full": SFTConfig(name="sft-full", batch_size=16, max_steps=240, lr=5e-4, weight_decay=0.0, **_COMMON),
     # LoRA on every linear of attention and MLP, the base frozen, at two ranks (the "LoRA, 2 ranks"):
-    # adapters start at zero (B = 0), so they take a higher learning rate, as the LoRA paper's runs do.
+    # adapters start at zero (B = 0), so they take a higher learning rate, as the LoRA paper's runs do: 20x full
+    # fine-tuning's here. Measured for r=8 (240 steps): lr 3e-3 reached answer loss 4.05 and 25% on the task,
+    # 1e-2 reached 3.94 and 31% (full fine-tuning: 3.49 and 50%).
     # LoRA's A and B are not weight-decayed (optim.param_groups decays nn.Linear weights only; weight_decay=0 anyway).
-    "sft-lora": SFTConfig(name="sft-lora", batch_size=16, max_steps=240, lr=3e-3, weight_decay=0.0, lora_r=8,
+    "sft-lora": SFTConfig(name="sft-lora", batch_size=16, max_steps=240, lr=1e-2, weight_decay=0.0, lora_r=8,
                           lora_alpha=16.0, **_COMMON),
-    "sft-lora-r2": SFTConfig(name="sft-lora-r2", batch_size=16, max_steps=240, lr=3e-3, weight_decay=0.0, lora_r=2,
+    "sft-lora-r2": SFTConfig(name="sft-lora-r2", batch_size=16, max_steps=240, lr=1e-2, weight_decay=0.0, lora_r=2,
                              lora_alpha=4.0, **_COMMON),
     # seconds: tests
     "sft-tiny": SFTConfig(name="sft-tiny", batch_size=4, max_steps=6, lr=1e-3, eval_interval=3, eval_batch_size=16,
