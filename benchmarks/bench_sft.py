@@ -414,10 +414,32 @@ def main() -> int:
     if "lora" in result:
         print_lora(result["lora"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and args.out.is_file():  # one comparison: keep the others the file already holds
+        result = merge_results(json.loads(args.out.read_text(encoding="utf-8")), result, args.only)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"\n{result['total_seconds']:.0f} s in all; load average {start_load} at the start, "
           f"{result['load_average_at_end']} at the end -> {args.out}")
     return 0
+
+
+def merge_results(old: dict, new: dict, only: str) -> dict:
+    """``old`` with comparison ``only`` (and its runs) replaced by ``new``'s; each comparison keeps its own date.
+
+    The file can then be filled one comparison at a time (``--only masking``,
+    then ``--only lora``...) without losing what an earlier run measured.
+    """
+    merged = dict(old)
+    for comparison in COMPARISONS:  # the date, machine and load of the run that measured each comparison
+        if comparison in merged and "measured" not in merged[comparison]:
+            merged[comparison] = {**merged[comparison], "measured": {
+                k: old.get(k) for k in ("date", "machine", "versions", "load_average_at_start", "load_average_at_end")}}
+    merged[only] = {**new[only], "measured": {k: new.get(k) for k in ("date", "machine", "versions",
+                                                                     "load_average_at_start", "load_average_at_end")}}
+    for key, value in new.items():  # the run's own keys (date, machine, load, seconds, settings): the latest run's
+        if key not in COMPARISONS and key != "runs":
+            merged[key] = value
+    merged["runs"] = {**old.get("runs", {}), **new.get("runs", {})}
+    return merged
 
 
 def _public(run: dict) -> dict:
