@@ -190,16 +190,20 @@ def load(name: str = "shakespeare", device: str | torch.device = "cpu", progress
     return Pretrained(model.eval(), tokenizer, config, folder, summary)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m llmbook.pretrained NAME [--retrain]``: train (or resume) and cache a reference model."""
-    parser = argparse.ArgumentParser(prog="python -m llmbook.pretrained",
-                                     description="Train (or resume) and cache one of the book's reference models.")
-    parser.add_argument("name", nargs="?", default="shakespeare", help=f"one of: {', '.join(TRAIN_PRESETS)}")
+def cache_cli(argv: list[str] | None, prog: str, what: str, presets: dict, default: str,
+              ensure_fn: Callable[..., Path], describe: Callable[[dict], str]) -> int:
+    """The command line that trains (or resumes) and caches one model of ``presets``; Chapter 9's uses it too.
+
+    ``describe(summary)`` is the end of the summary line. Errors are one line
+    (exit 2); Ctrl-C keeps the checkpoint and says how to resume.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=f"Train (or resume) and cache one of the book's {what}.")
+    parser.add_argument("name", nargs="?", default=default, help=f"one of: {', '.join(presets)}")
     parser.add_argument("--retrain", action="store_true", help="train again even if it is cached")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        folder = ensure(args.name, progress=not args.no_progress, retrain=args.retrain)
+        folder = ensure_fn(args.name, progress=not args.no_progress, retrain=args.retrain)
         summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     except Interrupted as exc:
         print(f"{exc.args[0].replace('--resume', 'the same command')}", file=sys.stderr)
@@ -211,10 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
         print(f"error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
         return 2
-    print(f"{args.name}: {summary['steps']} steps, {units.count(summary['params'])} parameters, val loss "
-          f"{summary['val_loss']:.3f} nats/token, {summary['val_bpb']:.3f} bits per byte, trained in "
+    print(f"{args.name}: {summary['steps']} steps, {describe(summary)}, trained in "
           f"{units.duration(summary['train_seconds'])} -> {folder}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m llmbook.pretrained NAME [--retrain]``: train (or resume) and cache a reference model."""
+    return cache_cli(argv, "python -m llmbook.pretrained", "reference models", TRAIN_PRESETS, "shakespeare", ensure,
+                     lambda s: f"{units.count(s['params'])} parameters, val loss {s['val_loss']:.3f} nats/token, "
+                               f"{s['val_bpb']:.3f} bits per byte")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,10 @@ reference model (``load("sft-full")``), trained once by the book's build:
 
 from __future__ import annotations
 
-import argparse
 import copy
+import functools
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +30,6 @@ from torch import Tensor
 
 from llmbook import checkpoint, units
 from llmbook.bpe.tokenizer import Tokenizer
-from llmbook.data import ChecksumError, DataNotFoundError
-from llmbook.errors import Interrupted, RunError
 from llmbook.losses import bits_per_byte
 from llmbook.model import GPT
 from llmbook.posttrain.collate import collate
@@ -40,10 +37,10 @@ from llmbook.posttrain.instructions import instruction_split
 from llmbook.posttrain.lora import apply_lora, lora_state_dict, merge_lora
 from llmbook.posttrain.masking import IGNORE_INDEX, Example, tokenize_example
 from llmbook.posttrain.packing import first_fit, pack
-from llmbook.posttrain.tasks import make_task_split
+from llmbook.posttrain.tasks import TaskSplit, make_task_split
 from llmbook.posttrain.templates import Message, Template, from_alpaca, get_template
 from llmbook.posttrain.vocab import add_special_tokens, resize_token_embeddings
-from llmbook.pretrained import Pretrained, ensure_trained, recipe_dir
+from llmbook.pretrained import Pretrained, cache_cli, ensure_trained, recipe_dir
 from llmbook.pretrained import ensure as ensure_base
 from llmbook.train import TrainConfig, Trainer, load_model, read_jsonl
 
@@ -91,6 +88,12 @@ class SFTConfig(TrainConfig):
 # ---------------------------------------------------------------------- examples
 
 
+@functools.lru_cache(maxsize=4)
+def _task_split(seed: int, n_train: int) -> TaskSplit:
+    """``make_task_split``, once per process for each setting: the train and validation examples share it."""
+    return make_task_split(seed, n_train=n_train)
+
+
 def conversations(cfg: SFTConfig, split: str) -> list[list[Message]]:
     """The conversations of one split (``"train"`` or ``"val"``): task items, instruction records, or both."""
     out: list[list[Message]] = []
@@ -98,7 +101,7 @@ def conversations(cfg: SFTConfig, split: str) -> list[list[Message]]:
         train, val, _ = instruction_split()
         out += [from_alpaca(r) for r in (train if split == "train" else val)]
     if cfg.data in ("task", "mixed"):
-        tasks = make_task_split(cfg.task_seed, n_train=cfg.n_task_train)
+        tasks = _task_split(cfg.task_seed, cfg.n_task_train)
         out += [item.messages() for item in (tasks.train if split == "train" else tasks.val)]
     return out
 
@@ -387,29 +390,9 @@ def metrics(name: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m llmbook.posttrain.sft NAME [--retrain]``: train (or resume) and cache a fine-tuned model."""
-    parser = argparse.ArgumentParser(prog="python -m llmbook.posttrain.sft",
-                                     description="Fine-tune (or resume) and cache one of the book's SFT models.")
-    parser.add_argument("name", nargs="?", default="sft-full", help=f"one of: {', '.join(SFT_PRESETS)}")
-    parser.add_argument("--retrain", action="store_true", help="train again even if it is cached")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        folder = ensure(args.name, progress=not args.no_progress, retrain=args.retrain)
-        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    except Interrupted as exc:
-        print(f"{exc.args[0].replace('--resume', 'the same command')}", file=sys.stderr)
-        return 128 + exc.signum
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RunError, DataNotFoundError, ChecksumError, KeyError) as exc:
-        message = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
-        print(f"error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
-        return 2
-    print(f"{args.name}: {summary['steps']} steps, {units.count(summary['trainable_params'])} trainable parameters, "
-          f"response loss {summary['val_loss']:.3f} nats/token, trained in "
-          f"{units.duration(summary['train_seconds'])} -> {folder}")
-    return 0
+    return cache_cli(argv, "python -m llmbook.posttrain.sft", "SFT models", SFT_PRESETS, "sft-full", ensure,
+                     lambda s: f"{units.count(s['trainable_params'])} trainable parameters, response loss "
+                               f"{s['val_loss']:.3f} nats/token")
 
 
 if __name__ == "__main__":
