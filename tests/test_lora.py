@@ -258,3 +258,30 @@ def test_default_targets_are_attention_and_mlp():
     assert {n.split(".", 2)[-1] for n in lora_modules(llama)} == {
         "attn.qkv", "attn.proj", "mlp.gate", "mlp.up", "mlp.down"}
     assert "lm_head" not in lora_modules(llama)
+
+
+def test_adapters_are_initialised_in_module_order():
+    """Each adapter's A takes the next numbers of the seeded RNG, so the order of creation is part of the recipe:
+    it must be the model's module order (a set's order changes with the process's hash seed)."""
+    model = tiny("llama-tiny")
+    torch.manual_seed(5)
+    apply_lora(model, r=R, alpha=ALPHA)
+    torch.manual_seed(5)
+    for name, m in lora_modules(model).items():  # named_modules order
+        expected = torch.empty_like(m.lora_A)
+        torch.nn.init.kaiming_uniform_(expected, a=math.sqrt(5))
+        assert torch.equal(m.lora_A, expected), name
+
+
+def test_adapters_are_the_same_in_processes_with_different_hash_seeds():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, torch; from llmbook.model import GPT; from llmbook.posttrain.lora import apply_lora, "
+            "lora_state_dict; torch.manual_seed(0); m = apply_lora(GPT.from_preset('llama-tiny'), r=2, alpha=4); "
+            "torch.manual_seed(7); s = lora_state_dict(m); "
+            "print(hashlib.sha256(b''.join(s[k].numpy().tobytes() for k in sorted(s))).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert len(digests) == 1, digests

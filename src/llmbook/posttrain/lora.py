@@ -212,7 +212,10 @@ def apply_lora(
 
     for p in model.parameters():
         p.requires_grad_(False)  # freeze the whole base model; only the adapters created below train
-    for name in chosen:
+    # in the model's module order, never the set's: a set of strings iterates in an order that changes with
+    # Python's per-process hash seed, and each adapter's A takes the next numbers of the seeded RNG, so a set
+    # order made the same recipe start from different adapters in different processes (runs did not reproduce)
+    for name in (n for n in linears if n in chosen):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(linears[name], r=r, alpha=alpha, dropout=dropout))
