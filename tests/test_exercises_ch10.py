@@ -33,32 +33,36 @@ def _one_line_error(check, *solutions) -> str:
 # ---------------------------------------------------------------------------------------------- references
 
 
-def test_references_are_the_library_where_it_has_landed():
-    """The check's references are the library's functions; the fallback formulas agree with them."""
+def test_references_are_the_library():
+    """The checks compare with llmbook's functions (the chapter proves those equal to TRL's)."""
+    from llmbook.posttrain import dpo, grpo, reward_model
+
     g = torch.Generator().manual_seed(0)
     rc, rr = torch.randn(7, generator=g), torch.randn(7, generator=g)
-    from llmbook.posttrain.reward_model import bradley_terry_loss
-
-    assert torch.equal(ch10.reference_bt_loss(rc, rr), bradley_terry_loss(rc, rr))
-    assert torch.allclose(ch10._fallback_bradley_terry_loss(rc, rr), bradley_terry_loss(rc, rr))
+    assert torch.equal(ch10.reference_bt_loss(rc, rr), reward_model.bradley_terry_loss(rc, rr))
     logps = [-(5 + 60 * torch.rand(6, generator=g)) for _ in range(4)]
     for beta in ch10.DPO_BETAS:
-        for got, want in zip(ch10.reference_dpo_loss(*logps, beta=beta), ch10._fallback_dpo_loss(*logps, beta=beta),
-                             strict=True):
-            assert torch.allclose(got, want, atol=1e-6)
+        for got, want in zip(ch10.reference_dpo_loss(*logps, beta=beta), dpo.dpo_loss(*logps, beta=beta), strict=True):
+            assert torch.equal(got, want)
     rewards = torch.tensor([[0.0, 1.0, 1.0, 0.5], [1.0, 1.0, 1.0, 1.0]])
-    assert torch.allclose(ch10.reference_group_advantages(rewards), ch10._fallback_group_advantages(rewards))
-    assert torch.equal(ch10.reference_group_advantages(rewards)[1], torch.zeros(4))  # equal rewards: 0
+    assert torch.equal(ch10.reference_group_advantages(rewards), grpo.group_advantages(rewards))
+    assert ch10._library_std_is_unbiased()  # the hint about the std names the library's choice
 
 
-def test_kl_k3_is_zero_at_the_reference_and_positive_elsewhere():
-    logp = torch.log(torch.tensor([0.2, 0.5, 0.3]))
-    assert torch.equal(ch10.kl_k3(logp, logp), torch.zeros(3))
-    assert bool((ch10.kl_k3(logp, logp.flip(0)) > 0).any()) and bool((ch10.kl_k3(logp, logp.flip(0)) >= 0).all())
-    # unbiased: its mean under samples of p is KL(p || q), computed exactly over a small vocabulary
-    p, q = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64), torch.tensor([0.4, 0.4, 0.2], dtype=torch.float64)
-    expected = (p * (p / q).log()).sum()
-    assert torch.allclose((p * ch10.kl_k3(p.log(), q.log())).sum(), expected)
+def test_grpo_mistakes_are_one_change_from_the_library_formula():
+    """The mistakes' formula, with no mistake switched on, is grpo.grpo_loss: each mistake is that one change."""
+    from llmbook.posttrain import grpo
+
+    g = torch.Generator().manual_seed(1)
+    n, T = 6, 9
+    logp, old, ref = (-3 * torch.rand(n, T, generator=g) for _ in range(3))
+    mask = torch.rand(n, T, generator=g) > 0.3
+    mask[:, 0] = True
+    adv = torch.randn(n, 1, generator=g)
+    for beta, clip_eps in ((0.04, 0.2), (0.5, 0.05)):
+        want = grpo.grpo_loss(logp, old, ref, adv.view(-1), mask, clip_eps=clip_eps, kl_beta=beta)[0]
+        assert torch.allclose(ch10._grpo_loss(logp, old, ref, adv, mask, beta, clip_eps, mistake="formula"), want)
+        assert torch.equal(ch10._grpo_loss(logp, old, ref, adv, mask, beta, clip_eps), want)
 
 
 def test_tiny_rollouts_are_deterministic_and_well_formed(seed_and_one_thread):

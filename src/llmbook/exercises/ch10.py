@@ -3,14 +3,14 @@
 Each reader's function is compared with the library on random inputs:
 ``llmbook.posttrain.dpo.dpo_loss`` (itself proven equal to TRL's DPO loss in
 ``tests/test_dpo.py``), ``llmbook.posttrain.grpo.group_advantages`` and
-``llmbook.posttrain.reward_model.bradley_terry_loss``. Until a module has
-landed, the check falls back to the formula written here (``_fallback_*``);
-``tests/test_exercises_ch10.py`` proves the two agree once both exist.
+``llmbook.posttrain.reward_model.bradley_terry_loss`` (equal to TRL's
+RewardTrainer loss in ``tests/test_reward_model.py``).
 
 The GRPO step is checked by running it: the reader's step and the reference
-step (below, built on the library's advantages) update two copies of the same
-tiny policy from the same rollouts with plain SGD, so every difference in the
-gradient shows in the parameters. A wrong answer is compared with what the
+step (below: the library's ``group_advantages`` and ``grpo_loss``, then one
+optimizer step per update) update two copies of the same tiny policy from the
+same rollouts with plain SGD, so every difference in the gradient shows in the
+parameters. A wrong answer is compared with what the
 usual mistakes compute (no response mask, an old log-prob that is not
 detached, the loss's sign, the KL estimator's direction, tokens averaged over
 the batch instead of per sequence, ...) and the check names the mistake.
@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from llmbook.exercises import exercise
 from llmbook.generate import generate
 from llmbook.model import GPT
+from llmbook.posttrain import dpo, grpo
+from llmbook.posttrain.reward_model import bradley_terry_loss
 
 
 def _close(a, b, atol: float = 1e-5, rtol: float = 1e-4) -> bool:
@@ -41,50 +43,23 @@ def _max_error(a: Tensor, b: Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------
-# the library, or the formula until it lands
+# the library's functions, the checks' references
 # ---------------------------------------------------------------------------
-
-
-def _fallback_dpo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float = 0.1):
-    logits = (pc - rc) - (pr - rr)
-    return -F.logsigmoid(beta * logits), beta * (pc - rc).detach(), beta * (pr - rr).detach()
-
-
-def _fallback_group_advantages(rewards: Tensor, eps: float = 1e-4, scale: bool = True) -> Tensor:
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    return centred / (rewards.std(dim=1, keepdim=True) + eps) if scale else centred
-
-
-def _fallback_bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
-    return -F.logsigmoid(r_chosen - r_rejected).mean()
 
 
 def reference_dpo_loss(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float = 0.1):
     """``llmbook.posttrain.dpo.dpo_loss`` (sigmoid loss): ``(losses, chosen_rewards, rejected_rewards)``."""
-    try:
-        from llmbook.posttrain.dpo import dpo_loss
-    except ImportError:
-        return _fallback_dpo_loss(pc, pr, rc, rr, beta)
-    return dpo_loss(pc, pr, rc, rr, beta=beta)
+    return dpo.dpo_loss(pc, pr, rc, rr, beta=beta)
 
 
 def reference_group_advantages(rewards: Tensor, eps: float = 1e-4) -> Tensor:
     """``llmbook.posttrain.grpo.group_advantages``: ``(P, G)`` rewards -> ``(P, G)`` advantages."""
-    try:
-        from llmbook.posttrain.grpo import group_advantages
-    except ImportError:
-        return _fallback_group_advantages(rewards, eps)
-    return group_advantages(rewards, eps=eps)
+    return grpo.group_advantages(rewards, eps=eps)
 
 
 def reference_bt_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
-    """``llmbook.posttrain.reward_model.bradley_terry_loss``, as a scalar mean over the pairs."""
-    try:
-        from llmbook.posttrain.reward_model import bradley_terry_loss
-    except ImportError:
-        return _fallback_bradley_terry_loss(r_chosen, r_rejected)
-    loss = bradley_terry_loss(r_chosen, r_rejected)
-    return loss.mean() if loss.dim() else loss
+    """``llmbook.posttrain.reward_model.bradley_terry_loss``: the mean over the pairs."""
+    return bradley_terry_loss(r_chosen, r_rejected)
 
 
 # ---------------------------------------------------------------------------
@@ -204,7 +179,7 @@ def _std_name(unbiased: bool) -> str:
 
 def _library_std_is_unbiased() -> bool:
     r = torch.tensor([[0.0, 1.0, 3.0, 4.0]])
-    return _close(reference_group_advantages(r), _fallback_group_advantages(r))
+    return _close(reference_group_advantages(r), (r - r.mean()) / (r.std() + 1e-4))
 
 
 def _advantage_variants(r: Tensor, eps: float) -> list[tuple[Tensor, str]]:
@@ -417,22 +392,35 @@ def _token_logps(model: nn.Module, ids: Tensor, mistake: str | None = None) -> T
     return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Schulman's k3 estimator of KL(π || π_ref) per token: ``exp(ref - logp) - (ref - logp) - 1`` (>= 0)."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
+def _grpo_loss(logp: Tensor, old: Tensor, ref: Tensor, adv: Tensor, mask: Tensor, beta: float, clip_eps: float,
+               mistake: str | None = None) -> Tensor:
+    """``grpo.grpo_loss``; with ``mistake``, the same formula written out with that one mistake in it.
+
+    ``mistake="formula"`` is the formula written out with no mistake (a test
+    proves it equal to the library's, so each mistake is one change from it).
+    """
+    if mistake is None:
+        return grpo.grpo_loss(logp, old, ref, adv.reshape(-1), mask, clip_eps=clip_eps, kl_beta=beta)[0]
+    mask = torch.ones_like(mask, dtype=torch.float32) if mistake == "no_mask" else mask.float()
+    ratio = torch.exp(logp - (logp if mistake == "old_not_detached" else old))
+    clipped = ratio if mistake == "no_clip" else ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    objective = torch.minimum(ratio * adv, clipped * adv)
+    kl = grpo.kl_k3(ref, logp) if mistake == "kl_direction" else grpo.kl_k3(logp, ref)
+    per_token = objective + beta * kl if mistake == "kl_sign" else objective - beta * kl
+    if mistake == "token_mean":
+        mean = (per_token * mask).sum() / mask.sum()
+    else:
+        mean = ((per_token * mask).sum(dim=1) / mask.sum(dim=1)).mean()
+    return mean if mistake == "loss_sign" else -mean
 
 
 def reference_grpo_step(policy: nn.Module, reference: nn.Module, optimizer: torch.optim.Optimizer,
                         rollouts: Rollouts, beta: float = 0.04, clip_eps: float = 0.2, iterations: int = 1,
                         mistake: str | None = None) -> list[float]:
     """What Exercise 10.4 asks for, with one typical mistake switchable by name (for the hints and the tests)."""
-    ids, mask = rollouts.ids, rollouts.mask.float()
-    if mistake == "no_mask":
-        mask = torch.ones_like(mask)
+    ids = rollouts.ids
     with torch.no_grad():
-        old = _token_logps(policy, ids, mistake)
-    with torch.no_grad():
+        old = _token_logps(policy, ids, mistake)  # the policy that sampled: constant during the updates
         ref = _token_logps(reference, ids, mistake)
     r = rollouts.rewards
     adv = reference_group_advantages(r)
@@ -442,16 +430,8 @@ def reference_grpo_step(policy: nn.Module, reference: nn.Module, optimizer: torc
     losses = []
     for _ in range(iterations):
         logp = _token_logps(policy, ids, mistake)
-        ratio = torch.exp(logp - (logp if mistake == "old_not_detached" else old))
-        clipped = ratio if mistake == "no_clip" else ratio.clamp(1 - clip_eps, 1 + clip_eps)
-        objective = torch.minimum(ratio * adv, clipped * adv)
-        kl = kl_k3(ref, logp) if mistake == "kl_direction" else kl_k3(logp, ref)
-        per_token = objective + beta * kl if mistake == "kl_sign" else objective - beta * kl
-        if mistake == "token_mean":
-            objective_mean = (per_token * mask).sum() / mask.sum()
-        else:
-            objective_mean = ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
-        loss = objective_mean if mistake == "loss_sign" else -objective_mean
+        loss = _grpo_loss(logp, old, ref, adv, rollouts.mask, beta, clip_eps,
+                          None if mistake in (None, "no_shift", "batch_advantages", "no_zero_grad") else mistake)
         if mistake != "no_zero_grad":
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -574,4 +554,4 @@ def zero_variance_groups(rewards: Tensor) -> int:
 
 
 __all__ = ["Rollouts", "check_bradley_terry", "check_dpo_loss", "check_group_advantages", "check_grpo_step",
-           "kl_k3", "reference_grpo_step", "tiny_rollouts", "zero_variance_groups"]
+           "reference_grpo_step", "sample_rollouts", "tiny_rollouts", "zero_variance_groups"]
