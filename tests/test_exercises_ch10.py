@@ -363,3 +363,16 @@ def test_a_constant_answer_fails_in_one_line(check):
 def test_constant_bradley_terry_answers_fail_in_one_line():
     _one_line_error(ch10.check_bradley_terry, lambda *args: 0, _bt_nll)
     _one_line_error(ch10.check_bradley_terry, _bt_probability, lambda *args: torch.tensor(0.0))
+
+
+def test_the_starter_is_generated_from_the_solutions():
+    """exercises/10 is build_pdf's starter of solutions/10 (the build's own test covers chapters in book.toml)."""
+    from pathlib import Path
+
+    import build_pdf
+
+    root = Path(build_pdf.__file__).parent
+    solution = root / "solutions" / "10_preference_tuning.md"
+    starter = (root / "exercises" / "10_preference_tuning.md").read_text()
+    assert starter == build_pdf.make_starter(solution.read_text(), solution.name), "run build_pdf.py --starters"
+    assert "BEGIN SOLUTION" not in starter and starter.count('raise NotImplementedError("your solution') == 8
