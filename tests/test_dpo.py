@@ -8,7 +8,6 @@ DPO runs of a few steps on the polite pairs on top.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import math
@@ -23,7 +22,7 @@ import torch
 from llmbook import checkpoint, data
 from llmbook.model import GPT
 from llmbook.posttrain import dpo
-from llmbook.posttrain.dpo import DPOConfig, DPOTrainer, dpo_loss, dpo_metrics, implicit_reward_accuracy
+from llmbook.posttrain.dpo import DPOConfig, DPOTrainer, dpo_loss, dpo_metrics, implicit_reward_accuracy, trl_dpo_loss
 from llmbook.posttrain.logprobs import sequence_logprobs
 from llmbook.posttrain.masking import Example
 from llmbook.posttrain.pairs import PreferencePair, TokenizedPair, collate_pairs, polite_split, tokenize_pairs
@@ -35,54 +34,6 @@ CONTEXT = 256
 
 
 # ---------------------------------------------------------------------- the loss against TRL
-
-
-def trl_dpo(pc, pr, rc, rr, beta, loss_type, label_smoothing=0.0, lengths=None):
-    """TRL 1.16's own loss code on our log-probabilities: ``(mean loss, TRL's logged metrics)``.
-
-    TRL has no loss function to import: the loss is computed inside
-    ``DPOTrainer._compute_loss(self, model, inputs, return_outputs)``, from the
-    model's per-token log-probabilities. A real ``DPOTrainer`` needs a Hugging
-    Face model, a dataset and an ``Accelerator``. So we call the unbound method
-    with the minimum it reads of ``self`` (a SimpleNamespace: beta, loss_types,
-    label_smoothing, an accelerator whose gathers are the identity on one
-    process, precompute_ref_logps=True so the reference's log-probs come in
-    ``inputs``), and a stand-in model that returns, as TRL's patched forward
-    does, per-token log-probabilities: each response's summed log-prob at its
-    last position and 0 at the others, so that TRL's own ``.sum(dim=1)`` gives
-    back our number exactly, and a completion mask of ``n`` tokens, which IPO
-    divides by.
-    Every line of TRL's loss then runs unchanged on the same numbers as ours.
-    """
-    from trl.trainer.dpo_trainer import DPOTrainer as TRLDPOTrainer
-
-    B = pc.shape[0]
-    n = torch.cat(lengths) if lengths is not None else torch.ones(2 * B, dtype=torch.long)
-    T = int(n.max()) + 1
-    completion_mask = torch.zeros(2 * B, T, dtype=torch.long)
-    for row, k in enumerate(n.tolist()):
-        completion_mask[row, T - k:] = 1  # the prompt (at least one token) first, then the response
-    per_token = torch.zeros(2 * B, T - 1, dtype=pc.dtype)  # (2B, T-1): TRL's labels are shifted by one
-    per_token[:, -1] = torch.cat([pc, pr])
-
-    class StandIn:
-        training = True
-
-        def __call__(self, **kwargs):
-            zeros = torch.zeros(2 * B, T - 1)
-            return types.SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
-
-    accelerator = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda t: t, gather=lambda t: t)
-    self = types.SimpleNamespace(
-        model=StandIn(), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=beta,
-        label_smoothing=label_smoothing, use_weighting=False, _metrics={"train": collections.defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1, args=None)
-    inputs = {"input_ids": torch.zeros(2 * B, T, dtype=torch.long), "completion_mask": completion_mask,
-              "attention_mask": torch.ones(2 * B, T, dtype=torch.long),
-              "ref_chosen_logps": rc, "ref_rejected_logps": rr}
-    loss = TRLDPOTrainer._compute_loss(self, self.model, inputs, False)
-    return loss, {k: v[0] for k, v in self._metrics["train"].items()}
 
 
 def logps(B: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -97,37 +48,39 @@ def logps(B: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
 def test_dpo_loss_equals_trl(beta, loss_type):
-    """Pair by pair (TRL returns only the batch mean, so one pair per call), and the batch mean and metrics."""
+    """TRL 1.16's ``DPOTrainer._compute_loss`` run on the same log-probabilities (``dpo.trl_dpo_loss`` says how)."""
     pc, pr, rc, rr, nc, nr = logps()
-    ours, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta, loss_type, chosen_lengths=nc,
-                                                      rejected_lengths=nr)
-    lengths = (nc, nr) if loss_type == "ipo" else None
-    theirs = torch.stack([trl_dpo(pc[i:i + 1], pr[i:i + 1], rc[i:i + 1], rr[i:i + 1], beta, loss_type,
-                                  lengths=(nc[i:i + 1], nr[i:i + 1]) if lengths else None)[0]
-                          for i in range(len(pc))])
-    error = (ours - theirs).abs().max().item()
+    ours = dpo_loss(pc, pr, rc, rr, beta, loss_type, chosen_lengths=nc, rejected_lengths=nr)
+    theirs = trl_dpo_loss(pc, pr, rc, rr, beta, loss_type, chosen_lengths=nc, rejected_lengths=nr)
+    error = (ours[0] - theirs[0]).abs().max().item()
     print(f"DPO loss vs TRL 1.16, {loss_type}, beta={beta}: max abs error {error:.2e} over {len(pc)} pairs "
-          f"(losses {ours.min():.3f} to {ours.max():.3f})")
+          f"(losses {ours[0].min():.3f} to {ours[0].max():.3f})")
     assert error <= 1e-6
-    mean, trl_metrics = trl_dpo(pc, pr, rc, rr, beta, loss_type, lengths=lengths)
-    assert ours.mean().item() == pytest.approx(mean.item(), abs=1e-6)
-    for key, value in dpo_metrics(chosen_rewards, rejected_rewards, pc, pr).items():
-        assert value == pytest.approx(trl_metrics[key], abs=1e-5), key
+    for a, b in zip(ours[1:], theirs[1:], strict=True):  # the implicit rewards TRL logs
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.1, 0.3])
-def test_cdpo_equals_trl_for_one_pair(label_smoothing):
-    """cDPO (label smoothing) left TRL's 'sigmoid' loss, which ignores label_smoothing in 1.16; its 'aot' loss
-    sorts the batch's log-ratios and then applies cDPO's formula, so for one pair per call it is cDPO exactly."""
+def test_cdpo_equals_trl(label_smoothing):
+    """cDPO (label smoothing): checked against TRL's 'aot' loss, which is cDPO for one pair (see trl_dpo_loss)."""
     pc, pr, rc, rr, _, _ = logps(B=32, seed=1)
-    ours = dpo_loss(pc, pr, rc, rr, 0.1, "sigmoid", label_smoothing)[0]
-    theirs = torch.stack([trl_dpo(pc[i:i + 1], pr[i:i + 1], rc[i:i + 1], rr[i:i + 1], 0.1, "aot", label_smoothing)[0]
-                          for i in range(len(pc))])
-    error = (ours - theirs).abs().max().item()
-    print(f"cDPO (label_smoothing={label_smoothing}) vs TRL 1.16 aot: max abs error {error:.2e}")
+    error = (dpo_loss(pc, pr, rc, rr, 0.1, "sigmoid", label_smoothing)[0]
+             - trl_dpo_loss(pc, pr, rc, rr, 0.1, "sigmoid", label_smoothing)[0]).abs().max().item()
+    print(f"cDPO (label_smoothing={label_smoothing}) vs TRL 1.16: max abs error {error:.2e}")
     assert error <= 1e-6
-    plain = trl_dpo(pc, pr, rc, rr, 0.1, "sigmoid", label_smoothing)[0]  # TRL's sigmoid: smoothing has no effect
-    assert plain.item() == pytest.approx(dpo_loss(pc, pr, rc, rr, 0.1)[0].mean().item(), abs=1e-6)
+    smoothed, plain = dpo_loss(pc, pr, rc, rr, 0.1, "sigmoid", label_smoothing)[0], dpo_loss(pc, pr, rc, rr, 0.1)[0]
+    assert (smoothed - plain).abs().max() > 1e-3  # the check is not vacuous
+
+
+def test_metrics_are_batch_means_in_trl_names():
+    pc, pr, rc, rr, _, _ = logps(B=8)
+    _, chosen, rejected = dpo_loss(pc, pr, rc, rr, 0.1)
+    got = dpo_metrics(chosen, rejected, pc, pr)
+    assert list(got) == ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                         "logps/chosen", "logps/rejected"]
+    assert got["rewards/margins"] == pytest.approx((chosen - rejected).mean().item())
+    assert got["rewards/accuracies"] == pytest.approx((chosen > rejected).float().mean().item())
+    assert got["logps/chosen"] == pytest.approx(pc.mean().item())
 
 
 # ---------------------------------------------------------------------- fixed points and the gradient
@@ -229,6 +182,7 @@ def test_tiny_run_writes_a_loadable_model_and_logs_trl_metrics(sft_dir, tmp_path
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     evals = [r for r in records if "val_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
+    assert {"val_rewards_chosen", "val_rewards_rejected", "val_logps_chosen", "val_logps_rejected"} <= set(evals[0])
     assert evals[0]["val_accuracy"] == 0.5 and evals[0]["val_margin"] == 0.0 and evals[0]["val_kl"] == 0.0
     assert evals[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert evals[-1]["val_kl"] > 0

@@ -34,8 +34,8 @@ chapter plots it). Two variants share the code:
     IPO (``loss_type="ipo"``; Azar et al. 2023): L = (h' - 1/(2β))², a squared loss that aims the margin at a
         finite target; h' uses per-token *averaged* log-ratios, as TRL does (so it needs the lengths).
 
-``dpo_loss`` is proven equal to TRL's (``trl`` 1.16, ``DPOTrainer._compute_loss``) on the same
-log-probabilities in ``tests/test_dpo.py``. The trainer below runs it on Chapter
+``dpo_loss`` is proven equal to TRL's (``trl`` 1.16, ``DPOTrainer._compute_loss``, run by
+``trl_dpo_loss``) on the same log-probabilities in ``tests/test_dpo.py``. The trainer below runs it on Chapter
 7's ``Trainer``; the book's DPO models are cached like the SFT ones:
 
     python -m llmbook.posttrain.dpo dpo-polite          # train (or resume) and cache it
@@ -135,6 +135,83 @@ def dpo_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, policy_chosen_
     values = (chosen_rewards.mean(), rejected_rewards.mean(), margins.mean(), (margins > 0).float().mean(),
               policy_chosen_logps.detach().mean(), policy_rejected_logps.detach().mean())
     return dict(zip(TRAIN_METRICS, torch.stack(values).tolist(), strict=True))
+
+
+# ---------------------------------------------------------------------- the real thing: TRL's loss on our numbers
+
+
+def trl_dpo_loss(
+    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+    beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``dpo_loss``'s result computed by TRL 1.16's own code, pair by pair: what ``dpo_loss`` is checked against.
+
+    TRL has no loss function to import: the loss is computed inside
+    ``DPOTrainer._compute_loss(self, model, inputs, return_outputs)`` from the
+    per-token log-probabilities its model returns, and a real ``DPOTrainer``
+    needs a Hugging Face model, a dataset and an ``Accelerator``. So the unbound
+    method is called with the minimum it reads of ``self`` (a ``SimpleNamespace``:
+    beta, loss_types, label_smoothing, an accelerator whose gathers are the
+    identity on one process, ``precompute_ref_logps=True`` so the reference's
+    log-probs come in ``inputs``), and a stand-in model that returns, as TRL's
+    patched forward does, per-token log-probabilities: each response's summed
+    log-prob at its last position and 0 at the others (TRL's ``.sum(dim=1)``
+    gives our number back exactly), under a completion mask of the response's
+    length (which IPO divides by). Every line of TRL's loss then runs unchanged.
+
+    TRL returns the batch's mean, so each pair is one call, and its logged
+    ``rewards/chosen`` and ``rewards/rejected`` are that pair's rewards. In TRL
+    1.16 the ``"sigmoid"`` loss ignores ``label_smoothing`` (cDPO left it); its
+    ``"aot"`` loss sorts the batch's log-ratios and then applies cDPO's formula,
+    which for one pair is cDPO exactly, so ``label_smoothing > 0`` is checked
+    against that.
+    """
+    import collections
+    import types
+
+    from trl.trainer.dpo_trainer import DPOTrainer as TRLDPOTrainer
+
+    _check_loss_settings(beta, loss_type, label_smoothing)
+    trl_type = "aot" if loss_type == "sigmoid" and label_smoothing else loss_type
+    if loss_type == "ipo" and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError("loss_type='ipo' averages the log-ratios per token: pass chosen_lengths and "
+                         "rejected_lengths (logprobs.response_lengths)")
+    ones = torch.ones_like(policy_chosen_logps, dtype=torch.long)
+    lengths = torch.stack([ones if chosen_lengths is None else chosen_lengths,
+                           ones if rejected_lengths is None else rejected_lengths], dim=1)  # (B, 2)
+    out = []
+    for i in range(policy_chosen_logps.shape[0]):
+        n = lengths[i].clamp(min=1)
+        T = int(n.max()) + 1  # a prompt token, then the longer response
+        completion_mask = torch.zeros(2, T, dtype=torch.long)
+        for row, k in enumerate(n.tolist()):
+            completion_mask[row, T - k:] = 1
+        per_token = torch.zeros(2, T - 1, dtype=policy_chosen_logps.dtype)  # TRL's labels are shifted by one
+        per_token[:, -1] = torch.stack([policy_chosen_logps[i], policy_rejected_logps[i]]).detach()
+
+        def stand_in(per_token=per_token, T=T, **kwargs):
+            zeros = torch.zeros(2, T - 1)
+            return types.SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+        stand_in.training = True
+        trainer = types.SimpleNamespace(
+            model=stand_in, aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, args=None,
+            accelerator=types.SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t,
+                                              gather_for_metrics=lambda t: t),
+            f_divergence_type="reverse_kl", loss_types=[trl_type], loss_weights=[1.0], beta=beta,
+            label_smoothing=label_smoothing, use_weighting=False, _total_train_tokens=0, _tp_size=1,
+            _metrics={"train": collections.defaultdict(list)})
+        inputs = {"input_ids": torch.zeros(2, T, dtype=torch.long), "completion_mask": completion_mask,
+                  "attention_mask": torch.ones(2, T, dtype=torch.long),
+                  "ref_chosen_logps": ref_chosen_logps[i:i + 1].detach(),
+                  "ref_rejected_logps": ref_rejected_logps[i:i + 1].detach()}
+        loss = TRLDPOTrainer._compute_loss(trainer, stand_in, inputs, False)
+        logged = trainer._metrics["train"]
+        out.append((loss.detach(), logged["rewards/chosen"][0], logged["rewards/rejected"][0]))
+    losses, chosen, rejected = zip(*out, strict=True)
+    dtype = policy_chosen_logps.dtype
+    return torch.stack(losses), torch.tensor(chosen, dtype=dtype), torch.tensor(rejected, dtype=dtype)
 
 
 # ---------------------------------------------------------------------- measuring on held-out pairs
@@ -456,8 +533,8 @@ class DPOTrainer(Trainer):
             raise self._diverged(f"the validation loss is {result['loss']}")
         self.last_eval = {"step": self.step, "val_loss": result["loss"], "val_accuracy": result["accuracy"],
                           "val_margin": result["margin"], "val_kl": result["kl"],
-                          **{f"val_{k}": result[k] for k in ("rewards/chosen", "rewards/rejected", "logps/chosen",
-                                                             "logps/rejected")},
+                          **{"val_" + k.replace("/", "_"): result[k]
+                             for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")},
                           "elapsed_s": round(self.train_seconds, 3)}
         self.log(self.last_eval)
         if self.cfg.sample_tokens:
