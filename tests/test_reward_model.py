@@ -381,3 +381,15 @@ def test_loss_gradient_ignores_a_shared_reward_offset():
     rm.bradley_terry_loss(r[:4] + bias, r[4:] + bias).backward()
     assert bias.grad.item() == 0.0
     assert F.logsigmoid(torch.tensor(0.0)).item() == pytest.approx(-0.693147, abs=1e-6)
+
+
+def test_preference_pairs_of_each_split():
+    from llmbook.posttrain.pairs import polite_split
+
+    train, val, test = polite_split()
+    cfg = rm.RMConfig(name="x")
+    assert rm.preference_pairs(cfg, "test") == test and rm.preference_pairs(cfg, "train") == train
+    with pytest.raises(ValueError, match="pass model and tokenizer"):
+        rm.preference_pairs(rm.RMConfig(name="x", pairs="onpolicy"), "val")
+    with pytest.raises(ValueError, match="split is"):
+        rm.preference_pairs(cfg, "dev")

@@ -526,12 +526,19 @@ _COMMON = dict(context_length=256, eval_interval=20, log_interval=5, eval_batch_
                min_lr_ratio=0.1, grad_clip=1.0, weight_decay=0.0, seed=1337)
 
 RM_PRESETS: dict[str, RMConfig] = {
-    # The polite/impolite pairs: 929 train, 54 val, 111 test (pairs.polite_split). The chapter reports the held-out
-    # accuracy on the test pairs (held_out_accuracy).
+    # Every weight trains (train_blocks=-1). Measured on rm-polite at 60 steps (one CPU thread, the machine shared):
+    # all weights reach 89.2% held-out accuracy (111 test pairs) at 0.59 s/step; the head, norm_f and the last block
+    # only, 81.1% at 0.28 s/step (90.1% after 120 steps); the head and norm_f alone, 55.0% (a linear read-out of the
+    # SFT model's last hidden state, at this lr and length, barely separates polite from impolite: the blocks have
+    # to adapt). At 1 M parameters training everything is cheap, so it wins. 120 steps of all weights gave 90.1%,
+    # no better than 60 within the interval (+-6 points at n = 111); lr 3e-4 gave 86.5%.
+    # The polite/impolite pairs: 929 train, 54 val, 111 test (pairs.polite_split); 60 steps of 16 pairs are about
+    # one epoch. The chapter reports the accuracy on the test pairs (held_out_accuracy).
     "rm-polite": RMConfig(name="rm-polite", base="sft-full", pairs="polite", batch_size=16, max_steps=60, lr=1e-3,
                           train_blocks=-1, **_COMMON),
-    # On-policy pairs of the verifiable task: the SFT model's own samples on train prompts, chosen passes the
-    # checker, rejected fails. The reward model best-of-n uses on the task.
+    # On-policy pairs of the verifiable task: the SFT model's own samples (4 per prompt, temperature 1) on 600 train
+    # prompts, chosen passes the checker, rejected fails; about 4 in 10 prompts give a pair (measured: 255 train,
+    # 84 val pairs). The reward model best-of-n uses on the task.
     "rm-task": RMConfig(name="rm-task", base="sft-full", pairs="onpolicy", batch_size=16, max_steps=60, lr=1e-3,
                         train_blocks=-1, **_COMMON),
     # seconds: tests
