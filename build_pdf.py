@@ -264,24 +264,39 @@ def default_timeout() -> int:
         raise BuildError(f"{ENV_TIMEOUT}={value!r} is not a whole number of seconds (0 means no limit)") from None
 
 
+# The post-training models a chapter may list: llmbook.posttrain.<module>, the name of its presets, in chapter order
+POSTTRAIN_MODELS = (("sft", "SFT_PRESETS"), ("reward_model", "RM_PRESETS"), ("dpo", "DPO_PRESETS"),
+                    ("grpo", "GRPO_PRESETS"))
+
+
+def model_module(name: str):
+    """The module that trains and caches model ``name``: ``llmbook.pretrained`` or a ``llmbook.posttrain`` one."""
+    import importlib
+
+    from llmbook import pretrained
+
+    if name in pretrained.TRAIN_PRESETS:
+        return pretrained
+    for module, presets in POSTTRAIN_MODELS:
+        mod = importlib.import_module(f"llmbook.posttrain.{module}")
+        if name in getattr(mod, presets):
+            return mod
+    known = [*pretrained.TRAIN_PRESETS] + [n for m, p in POSTTRAIN_MODELS
+                                          for n in getattr(importlib.import_module(f"llmbook.posttrain.{m}"), p)]
+    raise BuildError(f"no model {name!r} to train; book.toml's models are names from: {', '.join(known)}")
+
+
 def ensure_models(names: list[str], progress: bool = True) -> None:
     """Train (or resume) the cached reference models a notebook loads, here, not under a cell's timeout.
 
     A chapter's ``pretrained.load(name)`` then only reads the cache. Training
     checkpoints as it goes, so a build stopped during it resumes where it was.
+    Post-training models (Chapters 9 and 10) train the models they start from first, if need be.
     """
-    if not names:
-        return
-    from llmbook import pretrained
-
     for name in names:
+        module = model_module(name)
         try:
-            if name in pretrained.TRAIN_PRESETS:
-                pretrained.ensure(name, progress=progress)
-            else:  # Chapter 9's fine-tuned models (they train their base model first if need be)
-                from llmbook.posttrain import sft
-
-                sft.ensure(name, progress=progress)
+            module.ensure(name, progress=progress)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # one line that names the model; the training keeps its checkpoint
