@@ -41,11 +41,13 @@ Two choices the papers disagree on, both here as options:
   Perspective") drops the division by the std (a prompt whose answers are
   nearly all right or all wrong otherwise gets its small differences blown
   up) and the 1/|o_i| length normalisation (which favours long wrong answers):
-  ``group_advantages(..., scale=False)``. DAPO (Yu et al. 2025) and Dr. GRPO
-  average over all tokens of the batch instead of per answer; this module
-  keeps DeepSeekMath's per-answer mean, in ``grpo_loss``.
+  ``group_advantages(..., scale=False)``. DAPO (Yu et al. 2025) averages the
+  loss over all tokens of the batch instead of per answer, and Dr. GRPO divides
+  each answer's sum by a constant (the generation budget) instead of its
+  length; this module keeps DeepSeekMath's per-answer mean, in ``grpo_loss``.
 - ``mu``, the number of updates per batch of rollouts. With mu = 1 (the
-  default, as DeepSeekMath's own RL runs) the policy that sampled is the policy
+  default; DeepSeekMath's runs make a single update per exploration stage,
+  §4.2) the policy that sampled is the policy
   being updated, so ratio = 1 and the clip never acts, but the ratio's gradient
   is ∇ log π: the loss is REINFORCE with the group mean as baseline
   (tested). mu > 1 reuses the rollouts; then ratios leave 1 and the clip bites.
@@ -142,8 +144,8 @@ def grpo_loss(
         per answer  the mean over its tokens (1/|o_i|)
         loss        minus the mean over the answers
 
-    (DAPO and Dr. GRPO average over all tokens of the batch instead, so long
-    answers weigh more.) The metrics, detached: ``clip_fraction`` (tokens whose
+    (DAPO's token-level mean over the whole batch, or Dr. GRPO's constant
+    divisor, would instead let long answers weigh more.) The metrics, detached: ``clip_fraction`` (tokens whose
     clipped term is the smaller, so no gradient flows), ``kl`` (mean k3 per
     token), ``ratio`` (mean ratio per token).
     """
