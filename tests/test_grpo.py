@@ -200,6 +200,15 @@ def test_resume_is_exact(sft_dir, tmp_path, mu):
         assert ratios[0] == pytest.approx(1.0) and ratios[1] != pytest.approx(1.0, abs=1e-7)  # reused rollouts
 
 
+def test_without_kl_no_reference_model_is_kept(sft_dir, tmp_path):
+    trainer = GRPOTrainer(tiny(sft_dir, kl_beta=0.0, max_steps=1, eval_interval=0, sample_tokens=0),
+                          tmp_path / "run", progress=False)
+    assert trainer.ref is None
+    trainer.train()
+    steps = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward" in r]
+    assert len(steps) == 1 and "kl" not in steps[0]  # no reference, no KL to report
+
+
 def test_bad_configs_are_one_clear_line(sft_dir):
     with pytest.raises(ValueError, match="unknown task families"):
         GRPOConfig(families="haiku")

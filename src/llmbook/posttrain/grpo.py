@@ -365,7 +365,7 @@ class GRPOTrainer(Trainer):
             batch["old_logp"] = logp.detach()
         loss, metrics = grpo_loss(logp, batch["old_logp"], batch["ref_logp"], batch["advantages"],
                                   batch["y"] != IGNORE_INDEX, cfg.clip_eps, cfg.kl_beta)
-        self._step_metrics = {k: v.item() for k, v in metrics.items()}
+        self._step_metrics = {k: v.item() for k, v in metrics.items() if k != "kl" or self.ref is not None}
         return loss
 
     def train_step(self) -> tuple[Tensor, Tensor | None]:
