@@ -600,15 +600,24 @@ _COMMON = dict(base="sft-full", context_length=256, eval_batch_size=64, log_inte
                seed=1337)
 
 DPO_PRESETS: dict[str, DPOConfig] = {
-    # The polite pairs (929 for training), beta 0.1 as in the DPO paper and TRL's default.
+    # The polite pairs (929 for training), beta 0.1 as in the DPO paper and TRL's default; 60 steps of 16 pairs are
+    # about one epoch, at a tenth of sft-full's peak lr. Measured from sft-full (one thread, a shared 2-core machine
+    # at load 5-6, 1 Dec 2026): held-out implicit-reward accuracy on polite_split()'s 111 test pairs 50% (all ties)
+    # -> 83.8% (93/111; 82.9% after 30 steps), KL 0.18 nats/token, 101 s of training steps. lr 1e-4 gave the same
+    # 83.8% at 2.5x the KL (0.45), so the lower rate stays.
     "dpo-polite": DPOConfig(name="dpo-polite", pairs="polite", beta=0.1, batch_size=16, max_steps=60, lr=5e-5,
                             warmup_steps=5, eval_interval=20, **_COMMON),
-    # On-policy pairs of Chapter 9's task: the SFT model's own samples, one passing the check and one failing.
+    # On-policy pairs of Chapter 9's task: the SFT model's own samples (4 per prompt, temperature 1) of 500 train
+    # prompts, one passing the check and one failing; 219 of the 500 prompts gave a pair (84 of the 200 val prompts).
+    # Measured (one thread, load 4-7): sampling 57-77 s, training 44 s; held-out implicit-reward accuracy 50 -> 81%,
+    # greedy task success on the 400 test prompts 50.2% [45.4, 55.1] (SFT) -> 49.2% [44.4, 54.1]: no change.
+    # beta 0.5 gave 50.0%; lr 2e-4 reached 91.7% implicit accuracy but *lowered* task success to 38.8% [34.1, 43.6]
+    # (KL 1.0 nats/token): ranking the pairs better is not writing better answers.
     "dpo-task": DPOConfig(name="dpo-task", pairs="onpolicy", beta=0.1, batch_size=16, max_steps=60, lr=5e-5,
                           warmup_steps=5, eval_interval=20, samples_per_prompt=4, n_task_train=500,
                           **{**_COMMON, "sample_prompt": "Write the last word of this line.\n\nIt is a truth "
                              "universally acknowledged."}),
-    # seconds: tests
+    # seconds: tests (which set base to a tiny SFT model's folder; sft-tiny itself starts from the full base)
     "dpo-tiny": DPOConfig(name="dpo-tiny", pairs="polite", beta=0.1, batch_size=4, max_steps=4, lr=1e-4,
                           warmup_steps=0, eval_interval=2, log_interval=1, sample_tokens=8, base="sft-tiny",
                           context_length=256, eval_batch_size=16),
