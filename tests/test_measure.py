@@ -80,3 +80,26 @@ def test_score_task_grades_the_replies():
     score, replies = measure.score_task(model, tok, items, "chatml", max_new_tokens=8)
     assert len(replies) == 4 and score.n == 4
     assert score == tasks.score_responses(items, replies)
+
+
+def test_sampled_score_grades_every_sample_and_is_seeded():
+    model, tok = _tiny_chat_model()
+    line = "Before we proceed any further, hear me speak."
+    items = [tasks.make_item(f, line, "shakespeare", random.Random(0)) for f in tasks.FAMILIES]
+    a = measure.sampled_score(model, tok, items, samples=3, max_new_tokens=8, seed=1)
+    b = measure.sampled_score(model, tok, items, samples=3, max_new_tokens=8, seed=1)
+    assert a == b and len(a.texts) == 4 and all(len(group) == 3 for group in a.texts)
+    want = [sum(item.passed(t) for t in group) / 3 for item, group in zip(items, a.texts, strict=True)]
+    assert list(a.per_prompt) == want and a.rate == pytest.approx(sum(want) / 4)
+    assert a.low <= a.rate <= a.high
+    with pytest.raises(ValueError, match="greedy is score_task"):
+        measure.sampled_score(model, tok, items, temperature=0)
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_prompts():
+    values = [1.0, 0.0] * 50
+    low, high = measure.bootstrap_interval(values)
+    assert low < 0.5 < high
+    low4, high4 = measure.bootstrap_interval(values * 4)
+    assert high4 - low4 < high - low
+    assert measure.bootstrap_interval([0.3] * 10) == pytest.approx((0.3, 0.3))

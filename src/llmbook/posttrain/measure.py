@@ -102,3 +102,66 @@ def score_task(
                                    template, max_new_tokens, batch_size)
     texts = [text for text, _ in responses]
     return score_responses(items, texts), texts
+
+
+@dataclass(frozen=True)
+class SampledScore:
+    """Pass@1 under sampling: the mean pass rate of ``samples`` answers per prompt, with a bootstrap 95% interval.
+
+    ``per_prompt[i]`` is the fraction of prompt i's samples that passed. The
+    interval resamples *prompts* (with all their samples), because samples of
+    one prompt are not independent: a Wilson interval over every sample would
+    be too narrow.
+    """
+
+    rate: float
+    low: float
+    high: float
+    samples: int
+    per_prompt: tuple[float, ...]
+    per_family: dict[str, float]
+    texts: tuple[tuple[str, ...], ...]
+
+    def __str__(self) -> str:
+        return (f"{self.rate:.1%} [{self.low:.1%}, {self.high:.1%}] ({self.samples} samples for each of "
+                f"{len(self.per_prompt)} prompts)")
+
+
+def bootstrap_interval(values: Sequence[float], draws: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (Efron 1979): resample, take the quantiles."""
+    if not values:
+        raise ValueError("bootstrap_interval needs at least one value")
+    x = torch.tensor(values, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = x[torch.randint(0, len(x), (draws, len(x)), generator=g)].mean(dim=1)
+    tail = (1 - level) / 2
+    return float(torch.quantile(means, tail)), float(torch.quantile(means, 1 - tail))
+
+
+def sampled_score(
+    model: GPT, tokenizer: Tokenizer, items: Sequence[TaskItem], template: Template | str = "chatml",
+    samples: int = 4, temperature: float = 1.0, max_new_tokens: int = 48, seed: int = 0, batch_size: int = 64,
+) -> SampledScore:
+    """Sample ``samples`` answers per prompt at ``temperature`` (seeded) and grade them: pass@1 with its interval.
+
+    Greedy decoding shows a model's single most likely answer; sampling shows
+    the distribution it would train on in RL and what a user sees at
+    temperature > 0. Chapter 10 reports both.
+    """
+    if samples < 1 or temperature <= 0:
+        raise ValueError(f"need samples >= 1 and temperature > 0 (greedy is score_task), got {samples}, {temperature}")
+    if not items:
+        raise ValueError("sampled_score needs at least one task item")
+    conversations = [item.messages(with_reference=False) for item in items for _ in range(samples)]
+    responses = generate_responses(model, tokenizer, conversations, template, max_new_tokens, batch_size,
+                                   temperature=temperature, seed=seed)
+    texts = [tuple(text for text, _ in responses[i * samples:(i + 1) * samples]) for i in range(len(items))]
+    per_prompt = [sum(item.passed(t) for t in group) / samples for item, group in zip(items, texts, strict=True)]
+    low, high = bootstrap_interval(per_prompt, seed=seed)
+    per_family = {}
+    for family in sorted({item.family for item in items}):
+        mine = [p for p, item in zip(per_prompt, items, strict=True) if item.family == family]
+        per_family[family] = sum(mine) / len(mine)
+    return SampledScore(sum(per_prompt) / len(per_prompt), low, high, samples, tuple(per_prompt), per_family,
+                        tuple(texts))
