@@ -451,17 +451,17 @@ _SAMPLE = 'Write a line of at most 8 words that uses the word "Darcy".'
 GRPO_PRESETS: dict[str, GRPOConfig] = {
     # From sft-full, all four task families, 16 prompts x 8 answers a step at temperature 1, full weights at a
     # constant 5e-5 after 5 warmup steps, DeepSeekMath's clip (0.2) and KL beta (0.04), mu = 1, 40 steps. Measured
-    # (seed 1337, threads=1 on a shared 2-core machine): 124 CPU-seconds for the whole run, evaluations included,
-    # so about 2 minutes on an idle core, less with two. Over the 40 steps the sampled reward rose from 0.50 to
-    # 0.63 (10-step means) and the pass rate from 26% to 42%, at a KL of 0.10 nats/token; greedy success on the
-    # val split's first 100 prompts stayed at 51%. The gain is in *sampled* answers of the habit families
-    # (short_line, capitals), which greedy decoding already passes 100%; the copying families (last_word,
-    # word_in_limit) pass in under 0.5% of samples, so nearly all their groups have equal rewards and zero
-    # advantage: GRPO cannot reinforce an answer the policy does not sample. Training on them alone (lr 1e-4 with
-    # G=8 for 50 steps, or lr 3e-4 with G=16 for 40) left their greedy success at 0%; 113 steps of this recipe
-    # plateaued (sampled reward ~0.6, KL ~0.12). Test split (400 prompts, measured once): 49.2% [44.4%, 54.1%]
-    # (mean score 0.620) against sft-full's 50.2% [45.4%, 55.1%] (0.605): the mean score rises (word_in_limit's
-    # answers keep to the length more often), the success rate does not.
+    # (seed 1337): 84 s for the whole run, evaluations included, with 2 threads on the 2-core machine otherwise
+    # idle (124 CPU-seconds with threads=1). Over the 40 steps the sampled reward rose from 0.50 to 0.63 (10-step
+    # means) and the pass rate from 26% to 42%, at a KL of 0.10 nats/token; greedy success on the val split's
+    # first 100 prompts stayed at 51%. The gain is in *sampled* answers of the habit families (short_line,
+    # capitals), which greedy decoding already passes 100%; the copying families (last_word, word_in_limit) pass
+    # in under 0.5% of samples, so nearly all their groups have equal rewards and zero advantage: GRPO cannot
+    # reinforce an answer the policy does not sample. Training on them alone (lr 1e-4 with G=8 for 50 steps, or lr
+    # 3e-4 with G=16 for 40) left their greedy success at 0%; 113 steps of this recipe plateaued (sampled reward
+    # ~0.6, KL ~0.12). Test split (400 prompts, measured once): 49.2% [44.4%, 54.1%] (mean score 0.620) against
+    # sft-full's 50.2% [45.4%, 55.1%] (0.605): the mean score rises (word_in_limit's answers keep to the length
+    # more often), the success rate does not.
     "grpo": GRPOConfig(name="grpo", base="sft-full", context_length=256, max_steps=40, lr=5e-5, weight_decay=0.0,
                        warmup_steps=5, min_lr_ratio=1.0, grad_clip=1.0, group_size=8, prompts_per_step=16,
                        temperature=1.0, max_new_tokens=32, eval_interval=20, log_interval=5, n_val=100,
