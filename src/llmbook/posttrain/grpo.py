@@ -461,7 +461,11 @@ GRPO_PRESETS: dict[str, GRPOConfig] = {
     # 3e-4 with G=16 for 40) left their greedy success at 0%; 113 steps of this recipe plateaued (sampled reward
     # ~0.6, KL ~0.12). Test split (400 prompts, measured once): 49.2% [44.4%, 54.1%] (mean score 0.620) against
     # sft-full's 50.2% [45.4%, 55.1%] (0.605): the mean score rises (word_in_limit's answers keep to the length
-    # more often), the success rate does not.
+    # more often), the success rate does not. What GRPO does raise is the success of *sampled* answers: one answer
+    # per test prompt at the training temperature 1.0 passes 38.0% [33.4%, 42.8%] against sft-full's 27.5% [23.4%,
+    # 32.1%] (seed 0; seed 1: 38.0% vs 27.8%), intervals apart; at temperature 0.7, 48.2% vs 39.8% (seed 0) and
+    # 47.8% vs 41.5% (seed 1), intervals overlapping. RL sharpened the distribution towards what greedy decoding
+    # already picked.
     "grpo": GRPOConfig(name="grpo", base="sft-full", context_length=256, max_steps=40, lr=5e-5, weight_decay=0.0,
                        warmup_steps=5, min_lr_ratio=1.0, grad_clip=1.0, group_size=8, prompts_per_step=16,
                        temperature=1.0, max_new_tokens=32, eval_interval=20, log_interval=5, n_val=100,
