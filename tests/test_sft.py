@@ -194,3 +194,14 @@ def test_merged_lora_model_is_a_plain_gpt_state(base_dir, tmp_path):
     state = trainer.full_state_dict()
     skeleton = GPT(trainer.model_config)
     assert set(state) == set(skeleton.state_dict())
+
+
+def test_epoch_order_visits_each_item_once_per_epoch_and_depends_only_on_the_position():
+    from llmbook.posttrain.order import EpochOrder
+
+    order = EpochOrder(5, seed=3)
+    first, second = order.take(0, 5), order.take(5, 5)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second
+    assert EpochOrder(5, seed=3).take(3, 4) == first[3:] + second[:2]  # a fresh object (a resumed run) agrees
+    with pytest.raises(ValueError, match="nothing to order"):
+        EpochOrder(0, seed=3)

@@ -50,7 +50,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,6 +61,7 @@ from llmbook.model import GPT
 from llmbook.posttrain.collate import Batch
 from llmbook.posttrain.logprobs import response_lengths, sequence_logprobs, token_logprobs
 from llmbook.posttrain.masking import IGNORE_INDEX
+from llmbook.posttrain.order import EpochOrder
 from llmbook.posttrain.pairs import PreferencePair, TokenizedPair, collate_pairs, polite_split, tokenize_pairs
 from llmbook.posttrain.templates import Message, get_template
 from llmbook.pretrained import Pretrained, cache_cli, ensure_trained, recipe_dir
@@ -430,7 +430,7 @@ class DPOTrainer(Trainer):
             raise ValueError(f"{len(train_tok)} training pairs fit the context, fewer than batch_size="
                              f"{cfg.batch_size}: lower batch_size")
         unknown = torch.full((len(train_tok),), math.nan, device=self.device)
-        self._orders: dict[int, np.ndarray] = {}  # epoch -> the order of the pairs in it
+        self._order = EpochOrder(len(train_tok), cfg.seed)
         self._window: list[Tensor] = []  # TRAIN_METRICS of each micro-batch since the last training record
         return _DPOData(tokenizer, train_tok, val_tok, unknown, unknown.clone(), dropped + dropped_val)
 
@@ -446,15 +446,8 @@ class DPOTrainer(Trainer):
 
     def _pairs_of(self, step: int, micro: int) -> list[int]:
         """The pairs of one micro-batch: epochs of a permutation seeded by (seed, epoch), so resuming needs no state."""
-        cfg, n = self.cfg, len(self.data.train_pairs)
-        start = (step * cfg.accumulation_steps + micro) * cfg.batch_size
-        out = []
-        for k in range(start, start + cfg.batch_size):
-            epoch, at = divmod(k, n)
-            if epoch not in self._orders:
-                self._orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-            out.append(int(self._orders[epoch][at]))
-        return out
+        cfg = self.cfg
+        return self._order.take((step * cfg.accumulation_steps + micro) * cfg.batch_size, cfg.batch_size)
 
     def get_batch(self, step: int, micro: int) -> tuple[Tensor, ...]:
         """``(x, y, mask, positions)`` of the chosen rows then the rejected rows, and the reference's log-probs."""

@@ -78,6 +78,7 @@ from llmbook.posttrain import sft
 from llmbook.posttrain.logprobs import token_logprobs
 from llmbook.posttrain.masking import IGNORE_INDEX
 from llmbook.posttrain.measure import score_task
+from llmbook.posttrain.order import EpochOrder
 from llmbook.posttrain.rollouts import RolloutBatch, sample_groups
 from llmbook.posttrain.tasks import FAMILIES, TaskItem, make_task_split
 from llmbook.posttrain.templates import Message, get_template
@@ -285,7 +286,7 @@ class GRPOTrainer(Trainer):
         val = split.val[:cfg.n_val]
         val_examples, _ = sft.tokenize_all(tokenizer, [i.messages() for i in val], self.template, cfg.context_length)
         self.pad_id = tokenizer.special_tokens.get("<|endoftext|>", 0)
-        self._orders: dict[int, np.ndarray] = {}
+        self._order = EpochOrder(len(train), cfg.seed)
         self._cache: dict | None = None  # the current batch of rollouts, its advantages and log-probs
         self._step_metrics: dict[str, float] = {}
         self._tokens_seen = 0  # prompt and answer tokens trained on, over resumes
@@ -308,15 +309,8 @@ class GRPOTrainer(Trainer):
 
     def prompts_of(self, batch_index: int) -> list[TaskItem]:
         """The prompts of rollout batch ``batch_index``: epochs of permutations seeded by (seed, epoch)."""
-        cfg, items = self.cfg, self.data.train_items
-        n, out = len(items), []
-        start = batch_index * cfg.prompts_per_step
-        for k in range(start, start + cfg.prompts_per_step):
-            epoch, at = divmod(k, n)
-            if epoch not in self._orders:
-                self._orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-            out.append(items[int(self._orders[epoch][at])])
-        return out
+        per_step = self.cfg.prompts_per_step
+        return [self.data.train_items[i] for i in self._order.take(batch_index * per_step, per_step)]
 
     def rollouts(self, batch_index: int) -> RolloutBatch:
         """Rollout batch ``batch_index``, sampled by the policy as it is now, seeded by (seed, batch_index)."""

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,6 +42,7 @@ from llmbook.errors import CheckpointError, RunError
 from llmbook.model import GPT, ModelConfig
 from llmbook.posttrain.collate import Batch
 from llmbook.posttrain.masking import IGNORE_INDEX, Example
+from llmbook.posttrain.order import EpochOrder
 from llmbook.posttrain.pairs import PreferencePair, TokenizedPair, collate_pairs, polite_split, tokenize_pairs
 from llmbook.posttrain.tasks import TaskSplit, make_task_split
 from llmbook.posttrain.templates import get_template
@@ -381,7 +381,7 @@ class RMTrainer(Trainer):
             raise ValueError(f"{len(sides['train'])} training and {len(sides['val'])} validation pairs: need at "
                              f"least batch_size={cfg.batch_size} and 1 (more prompts or samples per prompt)")
         self.pad_id = tokenizer.special_tokens.get("<|endoftext|>", 0)
-        self._orders: dict[int, np.ndarray] = {}
+        self._order = EpochOrder(len(sides["train"]), cfg.seed)
         return _RMData(tokenizer, sides["train"], sides["val"], dropped)
 
     def build_model(self) -> RewardModel:  # type: ignore[override]
@@ -394,15 +394,8 @@ class RMTrainer(Trainer):
 
     def _pairs_of(self, step: int, micro: int) -> list[int]:
         """The pairs of one micro-batch: epochs of a permutation seeded by (seed, epoch), so resuming needs no state."""
-        cfg, n = self.cfg, len(self.data.train_pairs)
-        start = (step * cfg.accumulation_steps + micro) * cfg.batch_size
-        out = []
-        for k in range(start, start + cfg.batch_size):
-            epoch, at = divmod(k, n)
-            if epoch not in self._orders:
-                self._orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-            out.append(int(self._orders[epoch][at]))
-        return out
+        cfg = self.cfg
+        return self._order.take((step * cfg.accumulation_steps + micro) * cfg.batch_size, cfg.batch_size)
 
     def get_batch(self, step: int, micro: int) -> tuple[Tensor, ...]:
         batch = reward_batch([self.data.train_pairs[i] for i in self._pairs_of(step, micro)], self.pad_id)

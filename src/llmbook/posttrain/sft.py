@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +35,7 @@ from llmbook.posttrain.collate import collate
 from llmbook.posttrain.instructions import instruction_split
 from llmbook.posttrain.lora import apply_lora, lora_state_dict, merge_lora
 from llmbook.posttrain.masking import IGNORE_INDEX, Example, tokenize_example
+from llmbook.posttrain.order import EpochOrder
 from llmbook.posttrain.packing import first_fit, pack
 from llmbook.posttrain.tasks import TaskSplit, make_task_split
 from llmbook.posttrain.templates import Message, Template, from_alpaca, get_template
@@ -201,7 +201,7 @@ class SFTTrainer(Trainer):
         if len(rows) < cfg.batch_size:
             raise ValueError(f"the training set fills {len(rows)} rows, fewer than batch_size={cfg.batch_size}")
         self.pad_id = tokenizer.special_tokens.get("<|endoftext|>", 0)
-        self._orders: dict[int, np.ndarray] = {}  # epoch -> the order of the rows in it
+        self._order = EpochOrder(len(rows), cfg.seed)
         return _SFTData(tokenizer, Rows(train, rows), val, dropped + dropped_val)
 
     def build_model(self) -> GPT:
@@ -218,15 +218,8 @@ class SFTTrainer(Trainer):
 
     def _rows_of(self, step: int, micro: int) -> list[int]:
         """The rows of one micro-batch: epochs of a permutation seeded by (seed, epoch), so resuming needs no state."""
-        cfg, n = self.cfg, len(self.data.train_rows.rows)
-        start = (step * cfg.accumulation_steps + micro) * cfg.batch_size
-        out = []
-        for k in range(start, start + cfg.batch_size):
-            epoch, at = divmod(k, n)
-            if epoch not in self._orders:
-                self._orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-            out.append(int(self._orders[epoch][at]))
-        return out
+        cfg = self.cfg
+        return self._order.take((step * cfg.accumulation_steps + micro) * cfg.batch_size, cfg.batch_size)
 
     def get_batch(self, step: int, micro: int) -> tuple[Tensor, ...]:
         rows_data = self.data.train_rows
