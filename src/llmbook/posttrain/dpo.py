@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from llmbook import checkpoint, units
 from llmbook.bpe.tokenizer import Tokenizer
 from llmbook.model import GPT
+from llmbook.posttrain import sft
 from llmbook.posttrain.collate import Batch
 from llmbook.posttrain.logprobs import response_lengths, sequence_logprobs, token_logprobs
 from llmbook.posttrain.masking import IGNORE_INDEX
@@ -337,21 +338,6 @@ class _DPOData:
     dropped: int  # pairs longer than the context
 
 
-def load_sft(base: str, progress: bool = True) -> tuple[GPT, Tokenizer, Path]:
-    """The model DPO starts from, its tokenizer and folder: an SFT preset (trained once, then cached) or a folder."""
-    from llmbook.posttrain import sft
-
-    if base in sft.SFT_PRESETS:
-        folder = sft.ensure(base, progress=progress)
-    else:
-        folder = Path(base).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"base {base!r} is neither an SFT preset ({', '.join(sft.SFT_PRESETS)}) nor a "
-                                    "run folder: give one of those")
-    model, tokenizer = load_model(folder)
-    return model, tokenizer, folder
-
-
 def without_dropout(model: GPT) -> GPT:
     """A copy of ``model`` whose config has no dropout (as TRL's ``disable_dropout``), same weights.
 
@@ -404,7 +390,7 @@ class DPOTrainer(Trainer):
         if not isinstance(cfg, DPOConfig):
             raise TypeError(f"DPOTrainer needs a DPOConfig, got {type(cfg).__name__}")
         self.template = get_template(cfg.template)
-        base, tokenizer, self.base_dir = load_sft(cfg.base, progress=self.progress)
+        base, tokenizer, self.base_dir = sft.load_sft(cfg.base, progress=self.progress)
         if base.cfg.context_length != cfg.context_length:
             raise ValueError(f"context_length={cfg.context_length} differs from the base model's "
                              f"{base.cfg.context_length}: set context_length={base.cfg.context_length}")
@@ -621,7 +607,6 @@ def run_dir(name: str) -> Path:
     """Where the DPO model ``name`` is cached: named by its recipe and by the SFT model it starts from."""
     if name not in DPO_PRESETS:
         raise ValueError(f"no DPO model {name!r}; the presets are: {', '.join(DPO_PRESETS)}")
-    from llmbook.posttrain import sft
 
     cfg = DPO_PRESETS[name]
     base = sft.run_dir(cfg.base).name if cfg.base in sft.SFT_PRESETS else str(Path(cfg.base).resolve())

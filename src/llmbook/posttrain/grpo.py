@@ -234,19 +234,6 @@ class GRPOConfig(TrainConfig):
 # ---------------------------------------------------------------------- the trainer
 
 
-def load_policy(base: str, device: str | torch.device = "cpu", progress: bool = True):
-    """The SFT model to start from, its tokenizer and folder: an SFT preset (trained once, then cached) or a folder."""
-    if base in sft.SFT_PRESETS:
-        folder = sft.ensure(base, progress=progress)
-    else:
-        folder = Path(base).expanduser()
-        if not (folder / "model.pt").is_file():
-            raise FileNotFoundError(f"base {base!r} is neither an SFT preset ({', '.join(sft.SFT_PRESETS)}) nor a "
-                                    "run folder with model.pt: give one of those")
-    model, tokenizer = load_model(folder, device)
-    return model, tokenizer, folder
-
-
 class _GRPOData:
     """What ``Trainer`` reads of its data (``tokenizer``), plus the task's prompts."""
 
@@ -270,7 +257,7 @@ class GRPOTrainer(Trainer):
         if not isinstance(cfg, GRPOConfig):
             raise TypeError(f"GRPOTrainer needs a GRPOConfig, got {type(cfg).__name__}")
         self.template = get_template(cfg.template)
-        policy, tokenizer, self.base_dir = load_policy(cfg.base, progress=self.progress)
+        policy, tokenizer, self.base_dir = sft.load_sft(cfg.base, progress=self.progress)
         if policy.cfg.context_length != cfg.context_length:
             raise ValueError(f"context_length={cfg.context_length} differs from the base model's "
                              f"{policy.cfg.context_length}: set context_length={policy.cfg.context_length}")

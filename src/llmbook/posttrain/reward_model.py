@@ -40,6 +40,7 @@ from llmbook import checkpoint, units
 from llmbook.bpe.tokenizer import Tokenizer
 from llmbook.errors import CheckpointError, RunError
 from llmbook.model import GPT, ModelConfig
+from llmbook.posttrain import sft
 from llmbook.posttrain.collate import Batch
 from llmbook.posttrain.masking import IGNORE_INDEX, Example
 from llmbook.posttrain.order import EpochOrder
@@ -47,7 +48,7 @@ from llmbook.posttrain.pairs import PreferencePair, TokenizedPair, collate_pairs
 from llmbook.posttrain.tasks import TaskSplit, make_task_split
 from llmbook.posttrain.templates import get_template
 from llmbook.pretrained import cache_cli, ensure_trained, recipe_dir
-from llmbook.train import TrainConfig, Trainer, _write_atomic, load_model, load_tokenizer, read_jsonl
+from llmbook.train import TrainConfig, Trainer, _write_atomic, load_tokenizer, read_jsonl
 
 PAIRS = ("polite", "onpolicy")
 HEAD_STD = 0.02  # the score head's init: N(0, 0.02²), Hugging Face's initializer_range for every linear
@@ -284,20 +285,6 @@ class RMConfig(TrainConfig):
 # ---------------------------------------------------------------------- data
 
 
-def load_sft(base: str, device: str | torch.device = "cpu", progress: bool = True) -> tuple[GPT, Tokenizer]:
-    """The SFT model a reward model starts from: an ``SFT_PRESETS`` name (trained once, cached) or a run folder."""
-    from llmbook.posttrain import sft
-
-    if base in sft.SFT_PRESETS:
-        folder = sft.ensure(base, progress=progress)
-    else:
-        folder = Path(base).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"base {base!r} is neither an SFT preset ({', '.join(sft.SFT_PRESETS)}) nor a "
-                                    "run folder: give one of those")
-    return load_model(folder, device)
-
-
 @functools.lru_cache(maxsize=2)
 def _task_split(seed: int, n_train: int) -> TaskSplit:
     return make_task_split(seed, n_train=n_train)
@@ -362,7 +349,7 @@ class RMTrainer(Trainer):
         if not isinstance(cfg, RMConfig):
             raise TypeError(f"RMTrainer needs an RMConfig, got {type(cfg).__name__}")
         template = get_template(cfg.template)
-        sft_model, tokenizer = load_sft(cfg.base, progress=self.progress)
+        sft_model, tokenizer, _ = sft.load_sft(cfg.base, progress=self.progress)
         if sft_model.cfg.context_length != cfg.context_length:
             raise ValueError(f"context_length={cfg.context_length} differs from the SFT model's "
                              f"{sft_model.cfg.context_length}: set context_length={sft_model.cfg.context_length}")
@@ -545,7 +532,6 @@ def run_dir(name: str) -> Path:
     if name not in RM_PRESETS:
         raise ValueError(f"no reward model {name!r}; the presets are: {', '.join(RM_PRESETS)}")
     cfg = RM_PRESETS[name]
-    from llmbook.posttrain import sft
 
     base = sft.run_dir(cfg.base).name if cfg.base in sft.SFT_PRESETS else str(Path(cfg.base).resolve())
     return recipe_dir(name, cfg, extra=f"|base={base}")
@@ -598,7 +584,7 @@ def held_out_accuracy(trained: TrainedRewardModel, batch_size: int = 64) -> tupl
     cfg = trained.config
     model = tokenizer = None
     if cfg.pairs == "onpolicy":
-        model, tokenizer = load_sft(cfg.base, progress=False)
+        model, tokenizer, _ = sft.load_sft(cfg.base, progress=False)
     pairs = tokenized(cfg, preference_pairs(cfg, "test", model, tokenizer), trained.tokenizer)
     pad_id = trained.tokenizer.special_tokens.get("<|endoftext|>", 0)
     return pairwise_accuracy(trained.model, pairs, pad_id, batch_size), len(pairs)

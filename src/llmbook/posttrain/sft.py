@@ -154,6 +154,20 @@ def load_base(base: str, device: str | torch.device = "cpu", progress: bool = Tr
     return model, tokenizer, folder
 
 
+def load_sft(base: str, device: str | torch.device = "cpu", progress: bool = True) -> tuple[GPT, Tokenizer, Path]:
+    """A fine-tuned model to start from (Chapter 10), its tokenizer and folder: an ``SFT_PRESETS`` name (trained
+    once, then cached) or a run folder. A fresh copy every call: the trainers that start from it train it in place."""
+    if base in SFT_PRESETS:
+        folder = ensure(base, progress=progress)
+    else:
+        folder = Path(base).expanduser()
+        if not (folder / "model.pt").is_file():
+            raise FileNotFoundError(f"base {base!r} is neither an SFT preset ({', '.join(SFT_PRESETS)}) nor a run "
+                                    "folder with model.pt: give one of those")
+    model, tokenizer = load_model(folder, device)
+    return model, tokenizer, folder
+
+
 # ---------------------------------------------------------------------- the trainer
 
 
