@@ -225,6 +225,10 @@ def _source(dataset: str) -> tuple[str, Path]:
 def prepare_data(dataset: str, tokenizer: str, val_fraction: float = 0.1, root: Path | None = None) -> PreparedData:
     """Tokenize a dataset once into ``train.bin``, ``val.bin`` and ``tokenizer.json``; memory-map them.
 
+    ``dataset`` may also be a folder of token shards written by Chapter 2's
+    pipeline (``llmbook.pipeline.shards``, a ``manifest.json`` inside): its
+    shards are used as they are, with their own tokenizer and split.
+
     The folder's name ends in a hash of the source bytes, the split and the
     tokenizer, so editing the text or changing either setting makes a new
     folder instead of silently reusing stale tokens. Building it holds a lock
@@ -233,6 +237,9 @@ def prepare_data(dataset: str, tokenizer: str, val_fraction: float = 0.1, root: 
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be strictly between 0 and 1 (both splits need text), got {val_fraction}")
+    shard_dir = Path(dataset).expanduser()
+    if dataset not in data.DATASETS and (shard_dir / "manifest.json").is_file():
+        return _from_shards(shard_dir, tokenizer)
     check_tokenizer_name(tokenizer)
     if dataset in MIXTURES:
         stem = dataset
@@ -269,6 +276,24 @@ def prepare_data(dataset: str, tokenizer: str, val_fraction: float = 0.1, root: 
         )
     except CacheError as exc:
         raise CacheError(f"{exc.args[0]}: delete the folder {folder} (a cache; the next run rebuilds it)") from None
+
+
+def _from_shards(folder: Path, tokenizer: str) -> PreparedData:
+    """A folder of Chapter 2's token shards: its tokens, its split and its tokenizer (the ``tokenizer`` setting yields).
+
+    The shards were tokenized once, by the pipeline, so they decide the tokenizer
+    and the validation split; a different ``tokenizer`` setting is ignored, with
+    a warning that names both.
+    """
+    import warnings
+
+    from llmbook.pipeline.shards import to_prepared
+
+    prepared = to_prepared(folder)
+    if tokenizer != prepared.tokenizer.name:
+        warnings.warn(f"{folder} was tokenized with {prepared.tokenizer.name!r}; the tokenizer setting "
+                      f"{tokenizer!r} is ignored (the shards' tokenizer and validation split are used)", stacklevel=3)
+    return prepared
 
 
 def _cached(load, file: Path):
