@@ -37,19 +37,19 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import chain, islice
-from multiprocessing import Pool
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from llmbook.pipeline.document import Document
 
-if TYPE_CHECKING:  # Chapter 3's tokenizer and Chapter 7's record, imported where they are used
+if TYPE_CHECKING:  # Chapter 3's tokenizer, Chapter 7's record and torch, imported where they are used
+    from torch import Tensor
+
     from llmbook.bpe.tokenizer import Tokenizer
     from llmbook.loader import PreparedData
 
@@ -323,16 +323,17 @@ def write_shards(
         else:
             # at most 2 chunks per worker in flight, taken back in the order they were sent: bounded memory,
             # and the same shards for any number of workers
-            with Pool(workers, initializer=_init_worker, initargs=(tok,)) as pool:
+            # (a process pool that raises BrokenProcessPool if a worker is killed, where multiprocessing.Pool hangs)
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok,)) as pool:
                 in_flight: deque = deque()
                 for batch, splits in chunks():
-                    in_flight.append((pool.apply_async(_encode_chunk, (batch,)), splits))
+                    in_flight.append((pool.submit(_encode_chunk, batch), splits))
                     if len(in_flight) >= 2 * workers:
-                        result, done_splits = in_flight.popleft()
-                        write(result.get(), done_splits)
+                        future, done_splits = in_flight.popleft()
+                        write(future.result(), done_splits)
                 while in_flight:
-                    result, done_splits = in_flight.popleft()
-                    write(result.get(), done_splits)
+                    future, done_splits = in_flight.popleft()
+                    write(future.result(), done_splits)
     finally:
         bar.close()
     for w in writers.values():
@@ -504,6 +505,8 @@ class ShardDataset:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         """Batches forever, epoch after epoch (``itertools.islice`` takes as many as you need)."""
+        import torch  # here, so that writing shards (the pipeline's processes) does not load torch
+
         need = self.B * self.T + 1
         epoch = 0
         while True:
