@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import html as html_lib
+import itertools
 import json
 import math
 import random
@@ -137,23 +138,85 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 _BLOCK_WORDS = 1500  # excerpts are cut from blocks this long, visited in a random order
 
 
+_CLAUSE_END = re.compile(r"(?<=[;:,])\s+")
+_MAX_SENTENCE_WORDS = 25
+
+
 def _sentences(text: str) -> list[str]:
-    return [s for s in (p.strip() for p in _SENTENCE_END.split(text)) if len(s.split()) >= 3]
+    """Sentences of at least 3 words; a longer one than 25 words is cut at clause ends into pieces of <= 25.
+
+    Shakespeare's and Austen's sentences run to a hundred words; shared by two
+    short recombined pages, one such sentence would make them near duplicates.
+    """
+    out = []
+    for s in (p.strip() for p in _SENTENCE_END.split(text)):
+        if len(s.split()) <= _MAX_SENTENCE_WORDS:
+            out.append(s)
+            continue
+        piece: list[str] = []
+        for clause in _CLAUSE_END.split(s):
+            w = clause.split()
+            if piece and len(piece) + len(w) > _MAX_SENTENCE_WORDS:
+                out.append(" ".join(piece))
+                piece = []
+            piece.extend(w)
+            while len(piece) > _MAX_SENTENCE_WORDS:
+                out.append(" ".join(piece[:_MAX_SENTENCE_WORDS]))
+                piece = piece[_MAX_SENTENCE_WORDS:]
+        if piece:
+            out.append(" ".join(piece))
+    return [s for s in out if len(s.split()) >= 3]
+
+
+def _drop_repeats(lines: list[str], max_seen: float = 0.5) -> list[str]:
+    """Drop a line when more than ``max_seen`` of its 5-gram shingles occurred in earlier lines.
+
+    ``corpus.en`` was crawled from the web and already holds near copies (the
+    variants of a Creative Commons notice); they would be unlabelled near
+    duplicates in the corpus.
+    """
+    seen: set[str] = set()
+    kept = []
+    for line in lines:
+        sh = word_shingles(line)
+        if sh and len(sh & seen) > max_seen * len(sh):
+            continue
+        seen |= sh
+        kept.append(line)
+    return kept
+
+
+@dataclass
+class _Line:
+    """A line of clean text with its normalized form (the key that says two lines are the same) and word count."""
+
+    text: str
+    key: str
+    n_words: int
+
+    @classmethod
+    def of(cls, text: str) -> _Line:
+        return cls(text, normalize(text), len(text.split()))
+
+    def __add__(self, other: _Line) -> _Line:
+        # normalize works word by word, so the key of two joined lines is the two keys joined
+        return _Line(f"{self.text} {other.text}", f"{self.key} {other.key}".strip(), self.n_words + other.n_words)
 
 
 @dataclass
 class _Source:
     name: str
-    paragraphs: list[list[str]]  # each a list of lines
-    sentences: list[str]
+    paragraphs: list[list[_Line]]
+    sentences: list[_Line]
+    n_words: int = 0
 
-    @property
-    def n_words(self) -> int:
-        return sum(len(line.split()) for p in self.paragraphs for line in p)
+    def __post_init__(self) -> None:
+        self.n_words = sum(ln.n_words for p in self.paragraphs for ln in p)
 
 
 @functools.lru_cache(maxsize=1)
 def _sources() -> tuple[_Source, ...]:
+    """The four sources as paragraphs of lines and as sentences (read and normalized once per process)."""
     sources = []
     # Tiny Shakespeare: a speech is a paragraph, the speaker's name joins its first line.
     paragraphs, sents = [], []
@@ -164,7 +227,7 @@ def _sources() -> tuple[_Source, ...]:
         speaker, verse = lines[0], lines[1:]
         paragraphs.append([f"{speaker} {verse[0]}", *verse[1:]])
         sents.extend(_sentences(" ".join(verse)))
-    sources.append(_Source("tinyshakespeare", paragraphs, sents))
+    sources.append(("tinyshakespeare", paragraphs, sents))
     # Pride and Prejudice: a paragraph is one line (unwrapped); chapter headings and the title are dropped.
     paragraphs, sents = [], []
     for block in re.split(r"\n\s*\n", data.read_text("pride_and_prejudice")):
@@ -173,11 +236,12 @@ def _sources() -> tuple[_Source, ...]:
             continue
         paragraphs.append([line])
         sents.extend(_sentences(line))
-    sources.append(_Source("pride_and_prejudice", paragraphs, sents))
+    sources.append(("pride_and_prejudice", paragraphs, sents))
     # corpus.en: one sentence a line, from many unrelated pages; three consecutive lines make a paragraph.
     lines = [ln.strip() for ln in data.path("corpus.en").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = _drop_repeats(lines)
     paragraphs = [[" ".join(lines[i : i + 3])] for i in range(0, len(lines), 3)]
-    sources.append(_Source("corpus.en", paragraphs, [s for s in lines if len(s.split()) >= 3]))
+    sources.append(("corpus.en", paragraphs, [s for ln in lines for s in _sentences(ln)]))
     # Instruction data: a record is a paragraph of instruction, input and response lines.
     records = json.loads(data.path("instruction-data").read_text(encoding="utf-8"))
     paragraphs, sents = [], []
@@ -187,8 +251,11 @@ def _sources() -> tuple[_Source, ...]:
         paragraphs.append(lines)
         for ln in lines:
             sents.extend(_sentences(ln))
-    sources.append(_Source("instruction-data", paragraphs, sents))
-    return tuple(sources)
+    sources.append(("instruction-data", paragraphs, sents))
+    return tuple(
+        _Source(name, [[_Line.of(ln) for ln in p] for p in paras], [_Line.of(s) for s in sents])
+        for name, paras, sents in sources
+    )
 
 
 class _Supply:
@@ -198,12 +265,12 @@ class _Supply:
         self.rng = rng
         self.sources = _sources()
         self.weights = [s.n_words for s in self.sources]
-        self.order: list[list[list[str]]] = []  # per source: paragraphs in block-shuffled order
+        self.order: list[list[list[_Line]]] = []  # per source: paragraphs in block-shuffled order
         for s in self.sources:
             blocks, block, n = [], [], 0
             for p in s.paragraphs:
                 block.append(p)
-                n += sum(len(ln.split()) for ln in p)
+                n += sum(ln.n_words for ln in p)
                 if n >= _BLOCK_WORDS:
                     blocks.append(block)
                     block, n = [], 0
@@ -212,17 +279,21 @@ class _Supply:
             rng.shuffle(blocks)
             self.order.append([p for b in blocks for p in b])
         self.pos = [0] * len(self.sources)
-        self.decks: list[list[str]] = [[] for _ in self.sources]
-        self.seen: set[int] = set()  # hashes of every clean line written so far (normalized)
-        vocab = sorted({w for s in self.sources for ln in s.sentences[:4000] for w in ln.split() if w.isalpha()})
-        self.vocab = vocab
+        self.decks: list[list[_Line]] = [[] for _ in self.sources]
+        self.seen: set[int] = set()  # hashes of the normalized form of every clean line written so far
+        self.vocab = _vocab()
 
     def length(self, cfg: CorpusConfig) -> int:
-        lo, hi = (cfg.max_words, cfg.long_max_words) if self.rng.random() < cfg.long_share else (
-            cfg.min_words, cfg.max_words)
+        if self.rng.random() < cfg.long_share:
+            lo, hi = cfg.max_words, cfg.long_max_words
+        else:
+            lo, hi = cfg.min_words, cfg.max_words
         return int(math.exp(self.rng.uniform(math.log(lo), math.log(hi))))
 
-    def sentence(self, k: int) -> str:
+    def source(self) -> int:
+        return self.rng.choices(range(len(self.sources)), weights=self.weights)[0]
+
+    def sentence(self, k: int) -> _Line:
         """The next sentence of source k's deck (reshuffled when used up)."""
         if not self.decks[k]:
             deck = list(self.sources[k].sentences)
@@ -232,7 +303,7 @@ class _Supply:
 
     def body(self, n_words: int) -> tuple[list[list[str]], str, str]:
         """A clean body of about ``n_words`` words: (paragraphs of lines, source name, origin)."""
-        k = self.rng.choices(range(len(self.sources)), weights=self.weights)[0]
+        k = self.source()
         paragraphs, n = [], 0
         origin = "excerpt" if self.pos[k] < len(self.order[k]) else "recombined"
         while n < n_words:
@@ -240,34 +311,41 @@ class _Supply:
                 para = self.order[k][self.pos[k]]
                 self.pos[k] += 1
             else:
-                para = [" ".join(self.sentence(k) for _ in range(self.rng.randint(2, 6)))]
+                line = self.sentence(k)
+                for _ in range(self.rng.randint(1, 5)):
+                    line = line + self.sentence(k)
+                para = [line]
             paragraphs.append(para)
-            n += sum(len(ln.split()) for ln in para)
+            n += sum(ln.n_words for ln in para)
         return self._unique(paragraphs), self.sources[k].name, origin
 
-    def _unique(self, paragraphs: list[list[str]]) -> list[list[str]]:
+    def _unique(self, paragraphs: list[list[_Line]]) -> list[list[str]]:
         """Merge every line already written somewhere (or empty once normalized) into the line after it."""
-        out: list[list[str]] = []
-        carry = ""
+        out: list[list[_Line]] = []
+        carry = None
         for para in paragraphs:
-            kept: list[str] = []
+            kept: list[_Line] = []
             for line in para:
-                cand = f"{carry} {line}".strip() if carry else line
-                key = normalize(cand)
-                if not key or hash(key) in self.seen:
+                cand = line if carry is None else carry + line
+                if not cand.key or hash(cand.key) in self.seen:
                     carry = cand
                     continue
-                self.seen.add(hash(key))
+                self.seen.add(hash(cand.key))
                 kept.append(cand)
-                carry = ""
+                carry = None
             if kept:
                 out.append(kept)
-        if carry and out:
-            last = out[-1][-1]
-            self.seen.discard(hash(normalize(last)))
-            out[-1][-1] = f"{last} {carry}"
-            self.seen.add(hash(normalize(out[-1][-1])))
-        return out
+        if carry is not None and out:
+            self.seen.discard(hash(out[-1][-1].key))
+            out[-1][-1] = out[-1][-1] + carry
+            self.seen.add(hash(out[-1][-1].key))
+        return [[ln.text for ln in p] for p in out]
+
+
+@functools.lru_cache(maxsize=1)
+def _vocab() -> tuple[str, ...]:
+    """Words a near duplicate's edits insert: the alphabetic words of the sources, in a fixed order."""
+    return tuple(sorted({w for s in _sources() for ln in s.sentences[:4000] for w in ln.text.split() if w.isalpha()}))
 
 
 def _join(paragraphs: list[list[str]]) -> str:
@@ -361,20 +439,16 @@ def _spam(rng: random.Random) -> list[list[str]]:
 
 
 def _gibberish(rng: random.Random) -> list[list[str]]:
-    symbols = "#$%&*@^~|<>{}[]=+/\\_"
+    """Letter soup, symbol soup or base64-like blobs: text with no words in it."""
+    alphabets = [string.ascii_lowercase, "#$%&*@^~|<>{}[]=+/\\_" + string.digits + "xyzq",
+                 string.ascii_letters + string.digits + "+/="]
     lines = []
     for _ in range(rng.randint(3, 12)):
         style = rng.randrange(3)
-        toks = []
-        for _ in range(rng.randint(5, 25)):
-            n = rng.randint(2, 12)
-            if style == 0:  # letter soup
-                toks.append("".join(rng.choice(string.ascii_lowercase) for _ in range(n)))
-            elif style == 1:  # symbols and digits
-                toks.append("".join(rng.choice(symbols + string.digits + "xyzq") for _ in range(n)))
-            else:  # base64-like blobs
-                toks.append("".join(rng.choice(string.ascii_letters + string.digits + "+/=") for _ in range(n * 3)))
-        lines.append(" ".join(toks))
+        lengths = [rng.randint(2, 12) * (3 if style == 2 else 1) for _ in range(rng.randint(5, 25))]
+        chars = rng.choices(alphabets[style], k=sum(lengths))
+        starts = list(itertools.accumulate(lengths, initial=0))
+        lines.append(" ".join("".join(chars[a:b]) for a, b in itertools.pairwise(starts)))
     return [lines]
 
 
@@ -402,11 +476,11 @@ def _short(rng: random.Random, supply: _Supply) -> list[list[str]]:
     if rng.random() < 0.3:
         path = f"/{rng.choice(['blog', 'shop', 'news', 'item', 'user'])}/{rng.randint(1, 10**7)}"
         return [[rng.choice(_ERRORS).format(p=path)]]
-    k = rng.choices(range(len(supply.sources)), weights=supply.weights)[0]
+    k = supply.source()
     words: list[str] = []
     target = rng.randint(5, 45)
     while len(words) < target:
-        words.extend(supply.sentence(k).split())
+        words.extend(supply.sentence(k).text.split())
     return [[" ".join(words[:target])]]
 
 
@@ -484,86 +558,116 @@ def _insert_lines(rng: random.Random, paragraphs: list[list[str]], new: list[str
 # Duplicates
 
 
-def _exact_copy(rng: random.Random, text: str) -> tuple[str, str]:
-    """A copy equal after ``text.normalize``: byte-identical, or with whitespace or letter case changed."""
+def _exact_copy(rng: random.Random, orig: Document) -> tuple[str, dict]:
+    """A copy equal after ``text.normalize``: byte-identical, or with whitespace or letter case changed.
+
+    Whitespace: lines indented or with trailing spaces, extra blank lines. Case:
+    the whole page lower- or upper-cased (the planted strings in the metadata
+    follow, so they are still found verbatim).
+    """
+    meta = json.loads(json.dumps(orig.metadata))
     variant = rng.choice(["identical", "identical", "whitespace", "case"])
+    text = orig.text
     if variant == "whitespace":
-        lines = text.split("\n")
-        lines = [("  " if rng.random() < 0.3 else "") + ln.replace(" ", rng.choice([" ", "  ", " \t"]), 2)
-                 + (" " if rng.random() < 0.3 else "") for ln in lines]
-        text = "\n".join(lines) + "\n\n"
+        lines = [(" " * rng.randint(1, 4) if rng.random() < 0.3 else "") + ln + (" " if rng.random() < 0.3 else "")
+                 for ln in text.split("\n")]
+        text = "\n".join(lines).replace("\n\n", "\n\n\n") + "\n"
     elif variant == "case":
-        text = rng.choice([text.lower(), text.upper(), "\n".join(
-            ln.upper() if rng.random() < 0.3 else ln for ln in text.split("\n"))])
-    return text, variant
+        change = rng.choice([str.lower, str.upper])
+        text = change(text)
+        for key in ("pii", "boilerplate", "offensive", "main_text"):
+            if isinstance(meta.get(key), list):
+                meta[key] = [change(x) for x in meta[key]]
+    meta.update(planted=["exact_dup", *orig.metadata["planted"]], dup_of=orig.id, variant=variant)
+    return text, meta
 
 
-def _near_copy(rng: random.Random, text: str, target: float, vocab: list[str]) -> tuple[str, float]:
+_WORD_RUN = re.compile(r"\w+")
+
+
+def _near_copy(rng: random.Random, text: str, target: float, supply: _Supply) -> tuple[str, float]:
     """Edit words and sentences of ``text`` until its 5-gram Jaccard to the original is closest to ``target``.
 
-    A fixed random sequence of edits (replace, delete or insert a word; delete
-    a run of words; insert a sentence) is applied one prefix at a time, and the
-    prefix length is found by bisection: the similarity falls as edits are added.
+    Every word position gets one edit in a random order: replace it (55 %),
+    delete it (20 %), insert a word after it (18 %), delete a run of 4 to 12
+    words from it (4 %), insert a sentence after it (3 %). The first k edits
+    are applied, with k found by bisection (the similarity falls as edits are
+    added), on a fast word-level estimate; the returned similarity is the exact
+    one, ``jaccard(word_shingles(original), word_shingles(copy))``.
     """
-    lines = text.split("\n")
-    toks = [ln.split(" ") for ln in lines]
-    pos = [(i, j) for i, t in enumerate(toks) for j in range(len(t)) if t[j]]
-    order = list(range(len(pos)))
-    rng.shuffle(order)
-    ops = []
-    for p in order:
+    toks = [ln.split(" ") for ln in text.split("\n")]
+    pos = [(i, j) for i, t in enumerate(toks) for j, w in enumerate(t) if w]
+    n = len(pos)
+    line_of = [i for i, _ in pos]
+    orig_text = [toks[i][j] for i, j in pos]
+    orig_words = [_WORD_RUN.findall(w.lower()) for w in orig_text]
+    vocab = supply.vocab
+    ops: list[tuple[int, str, int]] = []  # (position, new text of the position, how many positions it deletes)
+    for p in rng.sample(range(n), n):
         r = rng.random()
         if r < 0.55:
-            ops.append(("replace", p, rng.choice(vocab)))
+            word = rng.choice(vocab)
+            while word.lower() == orig_text[p].lower():
+                word = rng.choice(vocab)
+            ops.append((p, word, 0))
         elif r < 0.75:
-            ops.append(("delete", p, ""))
+            ops.append((p, "", 1))
         elif r < 0.93:
-            ops.append(("insert", p, rng.choice(vocab)))
+            ops.append((p, f"{orig_text[p]} {rng.choice(vocab)}", 0))
         elif r < 0.97:
-            ops.append(("span", p, rng.randint(4, 12)))
+            ops.append((p, "", rng.randint(4, 12)))
         else:
-            ops.append(("sentence", p, " ".join(rng.choice(vocab) for _ in range(rng.randint(6, 14))) + "."))
+            ops.append((p, f"{orig_text[p]} {supply.sentence(supply.source()).text}", 0))
 
-    def render(k: int) -> str:
-        out = [list(t) for t in toks]
-        deleted = set()
-        for kind, p, arg in ops[:k]:
-            i, j = pos[p]
-            if kind == "replace":
-                if normalize(arg) == normalize(toks[i][j]):
-                    arg = arg + "s"
-                out[i][j] = arg
-            elif kind == "delete":
-                deleted.add((i, j))
-            elif kind == "span":
-                deleted.update((i, jj) for jj in range(j, min(j + arg, len(toks[i]))))
+    def edited(k: int) -> list[str]:
+        out = list(orig_text)
+        for p, new, span in ops[:k]:
+            if span:
+                for q in range(p, min(p + span, n)):
+                    if line_of[q] == line_of[p]:
+                        out[q] = ""
             else:
-                out[i][j] = f"{out[i][j]} {arg}"
-        new_lines = []
-        for i, t in enumerate(out):
-            kept = [w for j, w in enumerate(t) if (i, j) not in deleted]
-            if kept or not toks[i] or toks[i] == [""]:
-                new_lines.append(" ".join(kept))
-        return "\n".join(new_lines)
+                out[p] = new
+        return out
 
-    original = word_shingles(text)
-    lo, hi = 1, len(ops)
-    while lo < hi:  # smallest k whose similarity is <= target
+    def estimate(out: list[str]) -> float:
+        seq = [w for p, t in enumerate(out) for w in (orig_words[p] if t == orig_text[p] else
+                                                       _WORD_RUN.findall(t.lower()))]
+        return jaccard(_shingles(orig_seq), _shingles(seq))
+
+    def render(out: list[str]) -> str:
+        lines: list[list[str]] = [[] for _ in toks]
+        for p, t in enumerate(out):
+            if t:
+                lines[line_of[p]].append(t)
+        keep = [i for i, t in enumerate(toks) if lines[i] or not any(t)]  # empty lines (paragraph breaks) stay
+        return "\n".join(" ".join(lines[i]) for i in keep)
+
+    orig_seq = [w for ws in orig_words for w in ws]
+    lo, hi = 1, max(1, n)
+    while lo < hi:  # the smallest k whose estimated similarity is <= target
         mid = (lo + hi) // 2
-        if jaccard(original, word_shingles(render(mid))) <= target:
+        if estimate(edited(mid)) <= target:
             hi = mid
         else:
             lo = mid + 1
-    best = None
-    for k in {lo, max(1, lo - 1)}:
-        cand = render(k)
+    original = word_shingles(text)
+    best: tuple[str, float] | None = None
+    for k in sorted({lo, max(1, lo - 1), min(n, lo + 1)}):
+        cand = render(edited(k))
         j = jaccard(original, word_shingles(cand))
         if j < 1.0 and (best is None or abs(j - target) < abs(best[1] - target)):
             best = (cand, j)
-    if best is None:  # every edit so far left the shingles unchanged (a tiny text): take them all
-        cand = render(len(ops))
+    if best is None:  # a text so short that these edits left its shingles unchanged: apply them all
+        cand = render(edited(n))
         best = (cand, jaccard(original, word_shingles(cand)))
     return best
+
+
+def _shingles(seq: list[str], n: int = 5) -> set[tuple[str, ...]]:
+    if len(seq) < n:
+        return {tuple(seq)} if seq else set()
+    return set(zip(*(seq[i:] for i in range(n)), strict=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -571,51 +675,70 @@ def _near_copy(rng: random.Random, text: str, target: float, vocab: list[str]) -
 
 
 def _to_html(rng: random.Random, paragraphs: list[list[str]], site: tuple[str, list[str]]) -> tuple[str, list[str]]:
-    """Wrap a clean body in a realistic page: head with style and scripts, nav, cookie banner, aside, footer."""
+    """Wrap a clean body in a page with head, scripts, navigation, cookie banner, related links, share bar, footer.
+
+    Three pages in five use semantic markup (``<nav>``, ``<footer>``,
+    ``class="cookie-banner"``): boilerplate a simple extractor finds by name.
+    The others are "div soup": the same boilerplate in ``<div>``s with neutral
+    class names, which only smarter extractors (link density, position) remove.
+    Returns the page and its boilerplate strings.
+    """
     name, menu = site
-    header, footer = _site_lines(rng, site)
+    s = _SITES.index(site)
     esc = html_lib.escape
-    layout = rng.randrange(3)
-    title = esc(" ".join(paragraphs[0][0].split()[:6]))
+    semantic = rng.random() < 0.6
     body = []
     for p in paragraphs:
-        inner = "<br>\n".join(esc(ln) for ln in p)
-        body.append(f"<p>{inner}</p>" if layout != 2 else f'<div class="para">{inner}</div>')
+        lines = [esc(ln) for ln in p]
+        if rng.random() < 0.2:  # a link inside the main text
+            i = rng.randrange(len(lines))
+            w = lines[i].split(" ")
+            j = rng.randrange(len(w))
+            w[j] = f'<a href="/wiki/{rng.randint(1, 99999)}">{w[j]}</a>'
+            lines[i] = " ".join(w)
+        inner = "<br>\n".join(lines)
+        body.append(f"<p>{inner}</p>" if rng.random() < 0.7 else f'<div class="text">{inner}</div>')
     nav = "".join(f'<li><a href="/{esc(m.lower().replace(" ", "-"))}">{esc(m)}</a></li>' for m in menu)
-    related = "".join(f'<li><a href="/post/{rng.randint(1, 9999)}">{esc(rng.choice(_SHARE[:1]))} '
-                      f"{rng.choice(['Top 10 tips', 'Read this next', 'Popular this week'])}</a></li>"
-                      for _ in range(3))
-    cookie = _COOKIE[_SITES.index(site) % len(_COOKIE)]
-    share = " ".join(f'<a class="share" href="#">{s}</a>' for s in _SHARE[:3])
-    year = 2015 + _SITES.index(site) % 9
-    main_open, main_close = [("<main><article>", "</article></main>"),
-                             ('<div id="content" class="post-content">', "</div>"),
-                             ('<div class="main"><div class="entry">', "</div></div>")][layout]
-    page = f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{title} - {esc(name)}</title>
-<style>body {{ font-family: Georgia, serif; }} .menu li {{ display: inline; }}</style>
-<script>window.dataLayer = window.dataLayer || []; function gtag(){{dataLayer.push(arguments);}}</script>
-</head>
-<body>
-<header class="site-header"><div class="logo">{esc(name)}</div>
-<nav class="menu"><ul>{nav}</ul></nav>
-</header>
-<div id="cookie-banner" class="cookie-consent"><p>{esc(cookie)}</p><button>Accept</button></div>
-{main_open}
-{chr(10).join(body)}
-{main_close}
-<aside class="sidebar"><h3>Related posts</h3><ul>{related}</ul></aside>
-<div class="share-buttons">{share}</div>
-<footer><p>{esc(_FOOTER[_SITES.index(site) % len(_FOOTER)])}</p>
-<p>&copy; {year} {esc(name)}. All rights reserved.</p></footer>
-<script src="/static/js/app.{rng.randint(1000, 9999)}.js"></script>
-</body>
-</html>
-"""
-    return page, [*header, *footer]
+    picks = [rng.choice(["Top 10 tips for beginners", "Read this next", "Popular this week", "Editor's choice",
+                         "You may also like"]) for _ in range(3)]
+    related = "".join(f'<li><a href="/post/{rng.randint(1, 9999)}">{esc(t)}</a></li>' for t in picks)
+    cookie = _COOKIE[s % len(_COOKIE)]
+    shares = _SHARE[: 2 + s % 4]
+    share = " ".join(f'<a href="#">{esc(t)}</a>' for t in shares)
+    footer_line = _FOOTER[s % len(_FOOTER)]
+    copyright_line = f"© {2015 + s % 9} {name}. All rights reserved."
+    if semantic:
+        main_open, main_close = rng.choice([("<main><article>", "</article></main>"),
+                                            ('<div id="content" class="post-content">', "</div>")])
+        parts = [
+            f'<header class="site-header"><div class="logo">{esc(name)}</div>',
+            f'<nav class="menu"><ul>{nav}</ul></nav></header>',
+            f'<div id="cookie-banner" class="cookie-consent"><p>{esc(cookie)}</p><button>Accept</button></div>',
+            main_open, *body, main_close,
+            f'<aside class="sidebar"><h3>Related posts</h3><ul>{related}</ul></aside>',
+            f'<div class="share-buttons">{share}</div>',
+            f"<footer><p>{esc(footer_line)}</p>\n<p>{esc(copyright_line)}</p></footer>",
+        ]
+    else:
+        parts = [
+            f'<div class="top"><div class="logo">{esc(name)}</div>',
+            f'<div class="links"><ul>{nav}</ul></div></div>',
+            f'<div id="cc-{rng.randint(100, 999)}" class="box"><p>{esc(cookie)}</p></div>',
+            '<div class="wrap"><div class="col-left">', *body, "</div>",
+            f'<div class="col-right"><h3>Related posts</h3><ul>{related}</ul></div></div>',
+            f'<div class="bar">{share}</div>',
+            f'<div class="bottom"><p>{esc(footer_line)}</p>\n<p>{esc(copyright_line)}</p></div>',
+        ]
+    title = esc(" ".join(paragraphs[0][0].split()[:6]))
+    page = "\n".join([
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>{title} - {esc(name)}</title>",
+        "<style>body { font-family: Georgia, serif; } .links li { display: inline; }</style>",
+        "<script>window.dataLayer = window.dataLayer || []; function gtag(){dataLayer.push(arguments);}</script>",
+        "</head>", "<body>", *parts,
+        f'<script src="/static/js/app.{rng.randint(1000, 9999)}.js"></script>', "</body>", "</html>", "",
+    ])
+    return page, [name, " | ".join(menu), cookie, *picks, *shares, footer_line, copyright_line]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -647,15 +770,13 @@ def make_corpus(cfg: CorpusConfig | None = None) -> list[Document]:
             kind = "clean"
         if kind == "exact_dup":
             orig = docs[rng.choice(body_ids)]
-            text, variant = _exact_copy(rng, orig.text)
-            meta = json.loads(json.dumps(orig.metadata))
-            meta.update(planted=["exact_dup", *orig.metadata["planted"]], dup_of=orig.id, variant=variant)
+            text, meta = _exact_copy(rng, orig)
             docs.append(Document(doc_id, text, meta))
             continue
         if kind == "near_dup":
             orig = docs[rng.choice(clean_ids)]
             target = rng.uniform(cfg.near_dup_min_jaccard, 1.0)
-            text, jac = _near_copy(rng, orig.text, target, supply.vocab)
+            text, jac = _near_copy(rng, orig.text, target, supply)
             meta = _meta(orig.metadata["source"], orig.metadata["origin"])
             meta.update(planted=["near_dup"], dup_of=orig.id, jaccard=jac)
             docs.append(Document(doc_id, text, meta))
