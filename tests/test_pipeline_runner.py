@@ -176,6 +176,10 @@ def test_run_chains_stages_and_reports(tmp_path, setup):
                for line in p.read_text().splitlines()]
     assert [r["id"] for r in dropped] == [d.id for d in short]
     assert {r["reason"] for r in dropped} == {"drop_short:short"}
+    assert [d.id for d in report.kept()] == [d.id for d in final]
+    removed = report.removed()
+    assert sorted(removed) == sorted({d.id for d in docs} - {d.id for d in final})
+    assert {removed[d.id] for d in short} == {"drop_short:short"}
     # the report on disk, and the shard folder the trainer reads
     on_disk = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in on_disk["stages"]] == names and on_disk["stages"][1]["docs_per_s"] > 0
@@ -267,8 +271,10 @@ def test_a_different_config_is_refused_unless_forced(tmp_path, setup):
     changed["stage"][0]["min_words"] = 6
     with pytest.raises(ValueError, match=r"different pipeline config \(stages\[0\]\.options\.min_words: 4 before, 6"):
         runner.run(changed, progress=False)
+    before = json.loads((tmp_path / "out" / "report.json").read_text())["stages"][1]
     report = runner.run(changed, force=True, progress=False)
     assert report.stage("toy_stages:DropShort").reused == 0
+    assert report.stage("toy_stages:DropShort").docs_out < before["docs_out"]  # the new option took effect
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a pipeline output folder"):
@@ -320,3 +326,16 @@ def test_command_line(tmp_path, setup, capsys):
     assert [s.name for s in example.stages][-1] == "tokenize" and example.corpus == {"n_docs": 10000, "seed": 0}
     assert {s.name for s in example.stages} <= set(runner.known_stages())
 
+
+
+def test_invalid_utf8_and_bad_lines_are_counted_not_fatal(tmp_path, setup):
+    with open(tmp_path / "in.jsonl", "ab") as f:
+        f.write(b'{"id": "bad-utf8", "text": "caf\xe9 ol\xe9 the king and the queen speak"}\n')
+        f.write(b"this line is not json\n")
+        f.write(b'{"id": "empty", "text": ""}\n')
+    report = runner.run(config(tmp_path), progress=False)
+    read = report.stage("read")
+    assert read.docs_out == len(setup) + 2 and read.reasons == {"read:bad_line": 1}
+    assert read.extra == {"invalid_utf8_repaired": 1}
+    kept = {d.id: d.text for d in report.kept()}
+    assert kept["bad-utf8"] == "CAF\ufffd OL\ufffd THE KING AND THE QUEEN SPEAK" and "empty" not in kept

@@ -361,6 +361,22 @@ class Report:
     output: Path
     stages: list[StageReport]
     seconds: float
+    steps: list[Path] = field(default_factory=list)  # the folders of the document steps, in order
+    kept_files: list[Path] = field(default_factory=list)  # the last step's shards: the documents that were kept
+
+    def removed(self) -> dict[str, str]:
+        """Every removed document's id and its ``"stage:rule"`` reason (what ``ground_truth.score`` takes)."""
+        removed = {}
+        for folder in self.steps:
+            for path in sorted(folder.glob("shard_*.dropped.jsonl")):
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    record = json.loads(line)
+                    removed[record["id"]] = record["reason"]
+        return removed
+
+    def kept(self) -> Iterator[Document]:
+        """The documents that came through every stage before tokenizing, in corpus order (streamed)."""
+        return _stream(self.kept_files)
 
     @property
     def docs_in(self) -> int:
@@ -515,7 +531,7 @@ def _decide(stage: Stage, docs: list[Document], name: str) -> tuple[list[Documen
     return kept, dropped, counts
 
 
-_worker_stages: dict[tuple, list[Stage]] = {}  # per process: the stages of a segment, built once
+_worker_stages: dict[tuple, list[Stage]] = {}  # per process: the stages of a segment of this run, built once
 
 
 def _run_shard(task: tuple) -> list[dict]:
@@ -604,9 +620,11 @@ def run(config: PipelineConfig | dict | str | Path, force: bool = False, workers
             built.append(build_stage(spec.name, spec.options))
     out = _prepare_output(cfg, force)
     labels = _display_names(cfg.stages)
+    _worker_stages.clear()  # never a stage of an earlier run in this process
+    run_id = time.time_ns()
 
     paths, read_report = _split_input(cfg, out, progress)
-    reports = [read_report]
+    reports, steps = [read_report], []
     # a pool that raises BrokenProcessPool when a worker dies (multiprocessing.Pool would wait forever)
     pool = ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else None
     try:
@@ -623,16 +641,20 @@ def run(config: PipelineConfig | dict | str | Path, force: bool = False, workers
                 _fit_stage(built[group[0]], labels[group[0]], paths, targets, folder, stage_reports[0], progress)
             else:
                 specs = [(cfg.stages[i].name, cfg.stages[i].options) for i in group]
-                _map_stages(specs, (str(out), group[0]), paths, targets, stage_reports, pool, progress)
+                key = (run_id, group[0])
+                if pool is None:  # one process: the stages built above do the work (a worker builds its own)
+                    _worker_stages[key] = [built[i] for i in group]
+                _map_stages(specs, key, paths, targets, stage_reports, pool, progress)
             reports += stage_reports
             paths = [t.with_suffix(".jsonl") for t in targets]
+            steps.append(folder)
     except BrokenProcessPool:
         raise RunError("a worker process died (killed, or out of memory); the finished shards are kept: run the same "
                        "config again to resume (with fewer workers or smaller shard_docs if memory ran out)") from None
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    report = Report(out, reports, time.perf_counter() - start)
+    report = Report(out, reports, time.perf_counter() - start, steps, paths)
     _write_json(out / "report.json", report.to_dict())
     if progress:
         print(report.summary())
