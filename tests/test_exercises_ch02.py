@@ -103,15 +103,15 @@ def test_gopher_wrong_reason_name_is_explained():
     assert "one of datatrove's reasons" in message
 
 
-def test_gopher_matches_llmbook_filter_where_it_exists():
-    """The library's GopherQuality (proven equal to datatrove in its own tests) agrees on the crafted texts' keeps."""
+def test_gopher_reference_is_llmbooks_filter():
+    """llmbook's GopherQuality (datatrove's words, the same two rules off) gives the check's reasons on every case."""
     gopher = pytest.importorskip("llmbook.pipeline.gopher")
-    f = gopher.GopherQuality()
+    if not hasattr(gopher, "GopherThresholds"):
+        pytest.skip("llmbook.pipeline.gopher is not written yet")
+    f = gopher.GopherQuality(gopher.GopherThresholds(min_alpha_words_ratio=None, min_stop_words=None),
+                             split=gopher.datatrove_splitter())
     for what, text in ch02.gopher_cases():
-        if what == "100,001 words":
-            continue
-        if ch02.reference_gopher(text) is not None:  # dropped by one of the exercise's rules: dropped by the library
-            assert f.reason(text) is not None, what
+        assert f.reason(text) == ch02.reference_gopher(text), what
 
 
 # ---------------------------------------------------------------------------------------------- 2.2
@@ -232,12 +232,32 @@ def test_bands_rows_solution_passes_and_starter_is_not_attempted(capsys):
     assert "Exercise 2.3: all checks passed" in out and "Exercise 2.3: not attempted yet" in out
 
 
-def test_choice_matches_llmbook_where_it_exists():
+def _llmbook_minhash(*names):
     minhash = pytest.importorskip("llmbook.pipeline.minhash")
-    if not hasattr(minhash, "s_curve"):
-        pytest.skip("llmbook.pipeline.minhash.s_curve not written yet")
-    s = np.linspace(0, 1, 11)
-    assert np.allclose(minhash.s_curve(s, 16, 8), ch02.reference_s_curve(s, 16, 8))
+    if not all(hasattr(minhash, name) for name in names):
+        pytest.skip(f"llmbook.pipeline.minhash has no {', '.join(names)} yet")
+    return minhash
+
+
+def test_s_curve_and_choice_are_llmbooks():
+    """The check's S-curve and choice (datasketch's) are llmbook.pipeline.minhash's on the check's cases."""
+    minhash = _llmbook_minhash("s_curve", "choose_bands_rows")
+    s = np.linspace(0, 1, 101)
+    for bands, rows in ((20, 5), (16, 8), (1, 1)):
+        assert np.allclose(minhash.s_curve(s, bands, rows), ch02.reference_s_curve(s, bands, rows))
+    for threshold, num_perm, fpw, fnw in ch02.CHOOSE_CASES:
+        got = minhash.choose_bands_rows(threshold, num_perm, weights=(fpw, fnw))
+        assert tuple(got) == tuple(ch02.reference_choose(threshold, num_perm, fpw, fnw)), threshold
+
+
+def test_band_candidates_are_llmbooks():
+    """The check's banding (the bands of datasketch's MinHashLSH) gives llmbook's lsh_candidates on the corpus."""
+    minhash = _llmbook_minhash("lsh_candidates")
+    texts = ch02.planted_corpus().texts
+    for bands, rows in ((16, 8), (32, 4)):
+        sigs = np.stack([ch02.reference_signature(word_shingles(t), bands * rows, 1) for t in texts])
+        want = ch02.band_candidates(sigs, bands, rows)
+        assert {(int(i), int(j)) for i, j in minhash.lsh_candidates(sigs, bands, rows)} == want
 
 
 @pytest.mark.parametrize(("mistake", "hint"), [

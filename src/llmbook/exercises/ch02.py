@@ -46,9 +46,14 @@ GOPHER_REASONS = ("gopher_short_doc", "gopher_long_doc", "gopher_below_avg_thres
 
 def gopher_words(text: str) -> list[str]:
     """datatrove's words: spaCy's blank English tokenizer (punctuation tokens are words too)."""
+    return list(_gopher_words(text))
+
+
+@lru_cache(maxsize=64)
+def _gopher_words(text: str) -> tuple[str, ...]:
     from datatrove.utils.text import split_into_words
 
-    return split_into_words(text, "en")
+    return tuple(split_into_words(text, "en"))
 
 
 def punctuation_set() -> frozenset[str]:
@@ -58,6 +63,7 @@ def punctuation_set() -> frozenset[str]:
     return frozenset(PUNCTUATION_SET)
 
 
+@lru_cache(maxsize=64)
 def reference_gopher(text: str) -> str | None:
     """datatrove's ``GopherQualityFilter`` with the alphabetic and stop-word rules off: None (keep) or its reason."""
     from datatrove.data import Document
