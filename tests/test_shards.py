@@ -160,6 +160,23 @@ def test_gpt2_tokenizer_offline(tmp_path):
     enc = tok.to_tiktoken()
     expected = [i for d in docs for i in [50256, *enc.encode_ordinary(d.text)]]
     assert read_shard(tmp_path / "s" / "train_000000.bin").tolist() == expected
+    # tiktoken's engine with the same vocabulary writes the same files
+    write_shards(docs, tmp_path / "t", tok, val_fraction=0.0, engine="tiktoken", workers=2, chunk_docs=3)
+    for name in ("train_000000.bin", "manifest.json", "tokenizer.json"):
+        assert (tmp_path / "s" / name).read_bytes() == (tmp_path / "t" / name).read_bytes()
+
+
+def test_tiktoken_engine_equals_book_engine_on_a_trained_bpe(tmp_path):
+    docs = make_docs(150, seed=3)
+    write_shards(docs, tmp_path / "book", "bpe-400", shard_tokens=3000)
+    tok = tmp_path / "book" / "tokenizer.json"
+    write_shards(docs, tmp_path / "tt", tok, shard_tokens=3000, engine="tiktoken")
+    names = sorted(p.name for p in (tmp_path / "book").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "tt").iterdir())
+    for name in names:
+        assert (tmp_path / "book" / name).read_bytes() == (tmp_path / "tt" / name).read_bytes(), name
+    with pytest.raises(ValueError, match="engine is one of"):
+        write_shards(docs, tmp_path / "x", tok, engine="rust")
 
 
 # ---------------------------------------------------------------------- reading it back

@@ -217,7 +217,8 @@ def _source(dataset: str) -> tuple[str, Path]:
     if not file.is_file():
         raise data.DataNotFoundError(
             f"dataset {dataset!r} is neither a name in the registry ({', '.join(sorted(data.DATASETS))}) "
-            "nor an existing text file: give one of those names or the path to a UTF-8 .txt file"
+            "nor an existing text file: give one of those names, the path to a UTF-8 .txt file, or a folder of "
+            "token shards (Chapter 2's pipeline writes one, with a manifest.json)"
         )
     return file.stem, file
 

@@ -66,7 +66,7 @@ REGISTRY: dict[str, str] = {
 _REGISTERED: dict[str, type] = {}  # stages added at run time (tests, a reader's own stage)
 TOKENIZE = "tokenize"
 # the options of write_shards a config may set (the runner supplies the rest)
-TOKENIZE_OPTIONS = ("tokenizer", "shard_tokens", "val_fraction", "chunk_docs", "bpe_train_chars")
+TOKENIZE_OPTIONS = ("tokenizer", "shard_tokens", "val_fraction", "chunk_docs", "bpe_train_chars", "engine")
 
 EXAMPLE = """\
 # The chapter's pipeline: python -m llmbook.pipeline run pipeline.toml
