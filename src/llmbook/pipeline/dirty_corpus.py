@@ -588,12 +588,12 @@ _WORD_RUN = re.compile(r"\w+")
 def _near_copy(rng: random.Random, text: str, target: float, supply: _Supply) -> tuple[str, float]:
     """Edit words and sentences of ``text`` until its 5-gram Jaccard to the original is closest to ``target``.
 
-    Every word position gets one edit in a random order: replace it (55 %),
-    delete it (20 %), insert a word after it (18 %), delete a run of 4 to 12
-    words from it (4 %), insert a sentence after it (3 %). The first k edits
-    are applied, with k found by bisection (the similarity falls as edits are
-    added), on a fast word-level estimate; the returned similarity is the exact
-    one, ``jaccard(word_shingles(original), word_shingles(copy))``.
+    Word positions are edited in a random order, each once: replace the word
+    (55 %), delete it (20 %), insert a word after it (18 %), delete a run of 4
+    to 12 words from it (4 %), insert a sentence after it (3 %). How many edits
+    (k) is found by searching k on a fast word-level estimate of the similarity,
+    which falls as edits are added; the similarity returned is the exact one,
+    ``jaccard(word_shingles(original), word_shingles(copy))``.
     """
     toks = [ln.split(" ") for ln in text.split("\n")]
     pos = [(i, j) for i, t in enumerate(toks) for j, w in enumerate(t) if w]
@@ -601,66 +601,87 @@ def _near_copy(rng: random.Random, text: str, target: float, supply: _Supply) ->
     line_of = [i for i, _ in pos]
     orig_text = [toks[i][j] for i, j in pos]
     orig_words = [_WORD_RUN.findall(w.lower()) for w in orig_text]
-    vocab = supply.vocab
-    ops: list[tuple[int, str, int]] = []  # (position, new text of the position, how many positions it deletes)
-    for p in rng.sample(range(n), n):
-        r = rng.random()
-        if r < 0.55:
-            word = rng.choice(vocab)
-            while word.lower() == orig_text[p].lower():
-                word = rng.choice(vocab)
-            ops.append((p, word, 0))
-        elif r < 0.75:
-            ops.append((p, "", 1))
-        elif r < 0.93:
-            ops.append((p, f"{orig_text[p]} {rng.choice(vocab)}", 0))
-        elif r < 0.97:
-            ops.append((p, "", rng.randint(4, 12)))
-        else:
-            ops.append((p, f"{orig_text[p]} {supply.sentence(supply.source()).text}", 0))
+    order = rng.sample(range(n), n)
+    ops: list[tuple[int, str, int, list[str]]] = []  # (position, its new text, positions deleted, its new words)
 
-    def edited(k: int) -> list[str]:
-        out = list(orig_text)
-        for p, new, span in ops[:k]:
+    def add_ops(m: int) -> None:
+        """Draw the edits of the next ``m`` positions in the order."""
+        vocab = supply.vocab
+        for p in order[len(ops) : len(ops) + m]:
+            r = rng.random()
+            if r < 0.55:
+                new = rng.choice(vocab)
+                while new.lower() == orig_text[p].lower():
+                    new = rng.choice(vocab)
+                ops.append((p, new, 0, [new.lower()]))
+            elif r < 0.75:
+                ops.append((p, "", 1, []))
+            elif r < 0.93:
+                word = rng.choice(vocab)
+                ops.append((p, f"{orig_text[p]} {word}", 0, [*orig_words[p], word.lower()]))
+            elif r < 0.97:
+                ops.append((p, "", rng.randint(4, 12), []))
+            else:
+                sent = supply.sentence(supply.source()).text
+                ops.append((p, f"{orig_text[p]} {sent}", 0, [*orig_words[p], *_WORD_RUN.findall(sent.lower())]))
+
+    def edited(k: int) -> tuple[list[str], list[list[str]]]:
+        out, out_words = list(orig_text), list(orig_words)
+        for p, new, span, new_words in ops[:k]:
             if span:
                 for q in range(p, min(p + span, n)):
                     if line_of[q] == line_of[p]:
-                        out[q] = ""
+                        out[q], out_words[q] = "", []
             else:
-                out[p] = new
-        return out
+                out[p], out_words[p] = new, new_words
+        return out, out_words
 
-    def estimate(out: list[str]) -> float:
-        seq = [w for p, t in enumerate(out) for w in (orig_words[p] if t == orig_text[p] else
-                                                       _WORD_RUN.findall(t.lower()))]
-        return jaccard(_shingles(orig_seq), _shingles(seq))
+    orig_sh = _shingles([w for ws in orig_words for w in ws])
+    estimates = {0: 1.0}
 
-    def render(out: list[str]) -> str:
+    def estimate(k: int) -> float:
+        if k not in estimates:
+            if k > len(ops):
+                add_ops(k - len(ops))
+            seq = list(itertools.chain.from_iterable(edited(k)[1]))
+            estimates[k] = jaccard(orig_sh, _shingles(seq))
+        return estimates[k]
+
+    def linear(j: float) -> float:
+        # if each edit changed one word at random, a fraction f of edited words leaves a share (1-f)^5 of the
+        # 5-gram shingles, and Jaccard j = (1-q)/(1+q) with q = 1-(1-f)^5: f is about linear in k
+        q = (1 - j) / (1 + j)
+        return 1 - (1 - q) ** 0.2
+
+    # find lo < hi = lo + 1 with estimate(lo) > target >= estimate(hi), by interpolation on the linear scale
+    lo, hi = 0, max(1, min(n, int(n * linear(target) * 2.5) + 8))
+    while estimate(hi) > target and hi < n:
+        lo, hi = hi, min(n, hi * 2)
+    while hi - lo > 1:
+        x_lo, x_hi, x_t = linear(estimate(lo)), linear(estimate(hi)), linear(target)
+        guess = lo + round((hi - lo) * (x_t - x_lo) / max(x_hi - x_lo, 1e-9))
+        mid = min(hi - 1, max(lo + 1, guess))
+        if estimate(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    original = word_shingles(text)
+    best: tuple[str, float] | None = None
+    for k in sorted({max(1, lo), hi}):
+        if k > len(ops):
+            add_ops(k - len(ops))
+        out = edited(k)[0]
         lines: list[list[str]] = [[] for _ in toks]
         for p, t in enumerate(out):
             if t:
                 lines[line_of[p]].append(t)
         keep = [i for i, t in enumerate(toks) if lines[i] or not any(t)]  # empty lines (paragraph breaks) stay
-        return "\n".join(" ".join(lines[i]) for i in keep)
-
-    orig_seq = [w for ws in orig_words for w in ws]
-    lo, hi = 1, max(1, n)
-    while lo < hi:  # the smallest k whose estimated similarity is <= target
-        mid = (lo + hi) // 2
-        if estimate(edited(mid)) <= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    original = word_shingles(text)
-    best: tuple[str, float] | None = None
-    for k in sorted({lo, max(1, lo - 1), min(n, lo + 1)}):
-        cand = render(edited(k))
+        cand = "\n".join(" ".join(lines[i]) for i in keep)
         j = jaccard(original, word_shingles(cand))
         if j < 1.0 and (best is None or abs(j - target) < abs(best[1] - target)):
             best = (cand, j)
-    if best is None:  # a text so short that these edits left its shingles unchanged: apply them all
-        cand = render(edited(n))
-        best = (cand, jaccard(original, word_shingles(cand)))
+    if best is None:  # a text so short that no edit changed its shingles: keep the original's text edited fully
+        raise ValueError("a near duplicate needs an original of at least one word")
     return best
 
 
