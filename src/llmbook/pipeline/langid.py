@@ -63,8 +63,13 @@ class LinguaLangID:
     def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
         """Confidence of each language (columns in ``self.languages`` order) for each text; rows sum to 1 or 0."""
         texts = [t[: self.max_chars] for t in texts]
+        try:
+            confidences = self.detector.compute_language_confidence_values_in_parallel(texts)
+        except UnicodeEncodeError:  # a lone surrogate (broken UTF-16 in the source) cannot cross into Rust
+            texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
+            confidences = self.detector.compute_language_confidence_values_in_parallel(texts)
         out = np.zeros((len(texts), len(self.languages)))
-        for row, values in enumerate(self.detector.compute_language_confidence_values_in_parallel(texts)):
+        for row, values in enumerate(confidences):
             for v in values:
                 out[row, self._index[v.language.iso_code_639_1.name.lower()]] = v.value
         return out
@@ -81,7 +86,7 @@ def char_ngram_ids(text: str, buckets: int, orders: Sequence[int] = (1, 2, 3)) -
     The code points become a numpy array; an n-gram's id is a polynomial of its code points modulo
     ``buckets``, computed for all positions at once. Collisions merge a few n-grams: harmless with enough buckets.
     """
-    codes = np.frombuffer(f" {text.lower()} ".encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+    codes = np.frombuffer(f" {text.lower()} ".encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
     ids = []
     for n in orders:
         if len(codes) < n:
