@@ -213,12 +213,22 @@ def _build(target, options: dict, where: str):
             raise ValueError(f"{where}: unknown option {key!r}; its options: {', '.join(valid) or 'none'}")
         nested.setdefault(owners[0], {})[key] = value
     for param, sub in nested.items():
-        kwargs[param] = _build(hints[param], {**dataclasses.asdict(kwargs.get(param) or hints[param]()), **sub},
-                               f"{where}: {param}")
+        base = kwargs.get(param) or _default(target, param, params) or hints[param]()
+        kwargs[param] = _build(hints[param], {**dataclasses.asdict(base), **sub}, f"{where}: {param}")
     try:
         return target(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _default(target, param: str, params) -> object | None:
+    """The default value of a constructor parameter (a dataclass field's default_factory called), or None."""
+    if dataclasses.is_dataclass(target):
+        for f in dataclasses.fields(target):
+            if f.name == param and f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    default = params[param].default
+    return default if default is not inspect.Parameter.empty and dataclasses.is_dataclass(default) else None
 
 
 def build_stage(name: str, options: dict) -> Stage:
@@ -689,7 +699,10 @@ def _map_stages(specs: list[tuple[str, dict]], key: tuple, paths: list[Path], ta
 
 def _fit_stage(stage: Stage, name: str, paths: list[Path], targets: list[Path], folder: Path,
                report: StageReport, progress: bool) -> None:
-    """A corpus-wide stage: ``fit`` on every document, then decide shard by shard (all again after an interruption)."""
+    """A corpus-wide stage: ``fit`` on every document, then decide shard by shard (all again after an interruption).
+
+    Memory: the step's whole input is held while the stage runs, as its ``fit`` needs it.
+    """
     from tqdm.auto import tqdm
 
     done = folder / "_done.json"
@@ -698,21 +711,19 @@ def _fit_stage(stage: Stage, name: str, paths: list[Path], targets: list[Path], 
             report.add(counts)
         report.shards = report.reused = len(targets)
         return
+    # the corpus is read once and held: fit needs all of it (every corpus-wide stage keeps at least an entry per
+    # document), and the decisions are then made on the same documents without reading them again
+    corpus = [list(read_jsonl(p, strict=True)) for p in tqdm(paths, desc=f"{name} (read)", unit="shard",
+                                                             disable=not progress)]
     start = time.perf_counter()
-    with tqdm(desc=f"{name} (fit)", unit="doc", disable=not progress) as bar:
-
-        def counted() -> Iterator[Document]:
-            for doc in _stream(paths):
-                bar.update(1)
-                yield doc
-
-        stage.fit(counted())
+    stage.fit(chain.from_iterable(corpus))
     fit_seconds = time.perf_counter() - start
     stage.needs_fit = False  # fitted: from here on, run() decides without fitting again
     all_counts = []
-    for source, target in tqdm(list(zip(paths, targets, strict=True)), desc=name, unit="shard", disable=not progress):
-        kept, dropped, counts = _decide(stage, list(read_jsonl(source, strict=True)), name)
-        _write_outputs(target, kept, dropped, [counts])
+    for j in tqdm(range(len(paths)), desc=name, unit="shard", disable=not progress):
+        kept, dropped, counts = _decide(stage, corpus[j], name)
+        corpus[j] = []
+        _write_outputs(targets[j], kept, dropped, [counts])
         all_counts.append(counts)
     all_counts[0]["seconds"] += fit_seconds  # the fit belongs to the stage's time
     for counts in all_counts:
