@@ -165,7 +165,7 @@ def test_run_chains_stages_and_reports(tmp_path, setup):
     assert dedup.docs_out == len(final) == report.docs_out and dedup.reasons == {
         "first_copy:duplicate": len(kept) - len(final)}
     assert tok.docs_in == len(final) and sum(tok.extra["tokens"].values()) == sum(len(d.text) + 1 for d in final)
-    assert all(s.seconds >= 0 for s in report.stages) and report.seconds > 0
+    assert all(s.seconds >= 0 and s.cpu_seconds >= 0 for s in report.stages) and report.seconds > 0
     # the final documents: in order, upper-cased; the dropped ones listed with their reasons
     out = tmp_path / "out"
     last = sorted((out / "04_toy_stages_Trap").glob("shard_*[0-9].jsonl"))

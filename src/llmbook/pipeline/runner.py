@@ -347,6 +347,7 @@ class StageReport:
     bytes_out: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0  # time in the stage summed over shards (with N workers, up to N x the wall time)
+    cpu_seconds: float = 0.0  # CPU time of the process running it (on a busy machine, less than seconds)
     shards: int = 0  # shards processed ...
     reused: int = 0  # ... of which this many were finished by an earlier, interrupted run
     extra: dict = field(default_factory=dict)  # tokenize: tokens and shards per split
@@ -356,8 +357,8 @@ class StageReport:
         return self.docs_in / self.seconds if self.seconds > 0 else float("inf")
 
     def add(self, other: dict) -> None:
-        for key in ("docs_in", "docs_out", "bytes_in", "bytes_out", "seconds"):
-            setattr(self, key, getattr(self, key) + other[key])
+        for key in ("docs_in", "docs_out", "bytes_in", "bytes_out", "seconds", "cpu_seconds"):
+            setattr(self, key, getattr(self, key) + other.get(key, 0.0))
         self.reasons = dict(Counter(self.reasons) + Counter(other["reasons"]))
 
     def to_dict(self) -> dict:
@@ -405,12 +406,12 @@ class Report:
     def table(self) -> str:
         """A plain-text table, one row per stage."""
         rows = [f"{'stage':<14}{'docs in':>10}{'docs out':>10}{'removed':>9}{'MB in':>9}{'MB out':>9}{'s':>8}"
-                f"{'docs/s':>10}"]
+                f"{'cpu s':>8}{'docs/s':>10}"]
         for s in self.stages:
             removed = 1 - s.docs_out / s.docs_in if s.docs_in else 0.0
             rate = f"{s.docs_per_s:>10,.0f}" if s.seconds else f"{'-':>10}"
             rows.append(f"{s.name:<14}{s.docs_in:>10,}{s.docs_out:>10,}{removed:>9.1%}{s.bytes_in / 1e6:>9.2f}"
-                        f"{s.bytes_out / 1e6:>9.2f}{s.seconds:>8.2f}{rate}")
+                        f"{s.bytes_out / 1e6:>9.2f}{s.seconds:>8.2f}{s.cpu_seconds:>8.2f}{rate}")
         return "\n".join(rows)
 
     def summary(self) -> str:
@@ -497,7 +498,7 @@ def _split_input(cfg: PipelineConfig, out: Path, progress: bool) -> tuple[list[P
         report = StageReport(**record["report"])
         report.reused = report.shards
         return [folder / f"{_shard_name(j)}.jsonl" for j in range(record["shards"])], report
-    start, stats = time.perf_counter(), ReadStats()
+    start, cpu, stats = time.perf_counter(), time.process_time(), ReadStats()
     report, paths = StageReport("read"), []
     docs = _input_docs(cfg, stats)
     with tqdm(desc="read", unit="doc", disable=not progress) as bar:
@@ -517,7 +518,7 @@ def _split_input(cfg: PipelineConfig, out: Path, progress: bool) -> tuple[list[P
         report.reasons["read:bad_line"] = stats.bad_lines
     if stats.invalid_utf8:
         report.extra["invalid_utf8_repaired"] = stats.invalid_utf8
-    report.seconds = time.perf_counter() - start
+    report.seconds, report.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     _write_json(done, {"shards": len(paths), "report": dataclasses.asdict(report)})
     return paths, report
 
@@ -527,9 +528,9 @@ def _split_input(cfg: PipelineConfig, out: Path, progress: bool) -> tuple[list[P
 
 def _decide(stage: Stage, docs: list[Document], name: str) -> tuple[list[Document], list[dict], dict]:
     """One stage over one shard's documents: the kept documents, the dropped ones' records, the counts."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     decisions = list(stage.run(docs))  # run, not apply: a stage may batch (a classifier scores 2,048 at once)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     if len(decisions) != len(docs):
         raise ValueError(f"stage {name!r} returned {len(decisions)} decisions for {len(docs)} documents")
     kept = [d for d, reason in decisions if reason is None]
@@ -537,7 +538,7 @@ def _decide(stage: Stage, docs: list[Document], name: str) -> tuple[list[Documen
     counts = {"name": name, "docs_in": len(docs), "docs_out": len(kept),
               "bytes_in": sum(len(d.text.encode("utf-8")) for d in docs),
               "bytes_out": sum(len(d.text.encode("utf-8")) for d in kept),
-              "reasons": dict(Counter(r["reason"] for r in dropped)), "seconds": seconds}
+              "reasons": dict(Counter(r["reason"] for r in dropped)), "seconds": seconds, "cpu_seconds": cpu}
     return kept, dropped, counts
 
 
@@ -715,9 +716,9 @@ def _fit_stage(stage: Stage, name: str, paths: list[Path], targets: list[Path], 
     # document), and the decisions are then made on the same documents without reading them again
     corpus = [list(read_jsonl(p, strict=True)) for p in tqdm(paths, desc=f"{name} (read)", unit="shard",
                                                              disable=not progress)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     stage.fit(chain.from_iterable(corpus))
-    fit_seconds = time.perf_counter() - start
+    fit_seconds, fit_cpu = time.perf_counter() - start, time.process_time() - cpu
     stage.needs_fit = False  # fitted: from here on, run() decides without fitting again
     all_counts = []
     for j in tqdm(range(len(paths)), desc=name, unit="shard", disable=not progress):
@@ -726,6 +727,7 @@ def _fit_stage(stage: Stage, name: str, paths: list[Path], targets: list[Path], 
         _write_outputs(targets[j], kept, dropped, [counts])
         all_counts.append(counts)
     all_counts[0]["seconds"] += fit_seconds  # the fit belongs to the stage's time
+    all_counts[0]["cpu_seconds"] += fit_cpu
     for counts in all_counts:
         report.add(counts)
     report.shards = len(targets)
@@ -740,16 +742,19 @@ def _tokenize(paths: list[Path], folder: Path, options: dict, workers: int, prog
     report, done = StageReport(TOKENIZE), folder.with_name("tokens.done.json")
     if (folder / shards.MANIFEST).is_file() and done.is_file():
         report.reused = 1
-        totals, seconds = shards.read_manifest(folder)["totals"], json.loads(done.read_text("utf-8"))["seconds"]
+        record = json.loads(done.read_text("utf-8"))
     else:
+        cpu = time.process_time()
         stats = shards.write_shards(_stream(paths), folder, workers=workers, overwrite=True, progress=progress,
                                     **options)
-        totals, seconds = shards.read_manifest(folder)["totals"], stats.seconds
-        _write_json(done, {"seconds": seconds})
+        # CPU time only when the work ran in this process (the workers' is not seen from here)
+        record = {"seconds": stats.seconds, "cpu_seconds": time.process_time() - cpu if workers == 1 else 0.0}
+        _write_json(done, record)
+    totals = shards.read_manifest(folder)["totals"]
     docs = sum(t["documents"] for t in totals.values())
     size = sum(t["bytes"] for t in totals.values())
     report.docs_in = report.docs_out = docs
     report.bytes_in = report.bytes_out = size
-    report.seconds, report.shards = seconds, 1
+    report.seconds, report.cpu_seconds, report.shards = record["seconds"], record["cpu_seconds"], 1
     report.extra = {"tokens": {s: t["tokens"] for s, t in totals.items()}, "folder": str(folder)}
     return report
