@@ -106,8 +106,8 @@ class CharNgramLangID:
     relative frequency (add-``alpha``); a text's score is the sum over its n-grams plus the log prior.
     """
 
-    buckets: int = 1 << 18
-    alpha: float = 0.1
+    buckets: int = 1 << 16
+    alpha: float = 0.01  # small: a language with few training pages is not drowned in smoothing (measured)
     max_chars: int = MAX_CHARS
     languages: tuple[str, ...] = field(default=(), init=False)
     log_prob: np.ndarray | None = field(default=None, init=False, repr=False)  # (buckets, languages)
