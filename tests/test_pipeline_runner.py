@@ -325,6 +325,14 @@ def test_command_line(tmp_path, setup, capsys):
     example = runner.PipelineConfig.from_dict(__import__("tomllib").loads(capsys.readouterr().out))
     assert [s.name for s in example.stages][-1] == "tokenize" and example.corpus == {"n_docs": 10000, "seed": 0}
     assert {s.name for s in example.stages} <= set(runner.known_stages())
+    runner.run(config(tmp_path, "ok"), progress=False)
+    assert main(["verify", str(tmp_path / "ok" / "tokens")]) == 0
+    assert "shards OK (bpe-257, uint16): train" in capsys.readouterr().out
+    shard = tmp_path / "ok" / "tokens" / "train_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-3])
+    assert main(["verify", str(tmp_path / "ok" / "tokens")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {shard}: truncated") and err.count("\n") == 1
 
 
 

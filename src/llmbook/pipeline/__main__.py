@@ -3,6 +3,7 @@
     python -m llmbook.pipeline example > pipeline.toml
     python -m llmbook.pipeline run pipeline.toml --workers 2
     python -m llmbook.pipeline stages
+    python -m llmbook.pipeline verify pipeline-out/tokens
 
 A mistake in the config (an unknown stage, a missing input, an option of the
 wrong type) prints one line, ``error: ...``, and exits with status 2.
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--json", action="store_true", help="print the report as JSON")
     sub.add_parser("stages", help="list the stage names a config can use")
     sub.add_parser("example", help="print the chapter's pipeline config (TOML)")
+    verify = sub.add_parser("verify", help="check a token shard folder (headers, sizes, SHA-256) and print its totals")
+    verify.add_argument("folder")
     args = parser.parse_args(argv)
 
     if args.command == "stages":
@@ -38,6 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "example":
         print(runner.EXAMPLE, end="")
+        return 0
+    if args.command == "verify":
+        from llmbook.pipeline import shards
+
+        try:
+            n = shards.verify(args.folder)
+            manifest = shards.read_manifest(args.folder)
+        except (ValueError, OSError) as exc:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        totals = ", ".join(f"{split} {t['tokens']:,} tokens / {t['documents']:,} documents"
+                           for split, t in manifest["totals"].items())
+        print(f"{args.folder}: {n} shards OK ({manifest['tokenizer']['name']}, {manifest['dtype']}): {totals}")
         return 0
     try:
         report = runner.run(args.config, force=args.force, workers=args.workers, progress=not args.no_progress)

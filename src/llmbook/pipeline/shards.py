@@ -270,7 +270,7 @@ def write_shards(
     workers. A "bpe-<V>" tokenizer is trained on the first ``bpe_train_chars``
     characters of the training documents. ``engine="tiktoken"`` encodes with
     ``tokenizer.to_tiktoken()``, the same ids from tiktoken's Rust code
-    (tests/test_shards.py compares the files), several times faster. The
+    (tests/test_shards.py compares the files), faster. The
     folder gets ``tokenizer.json`` and, last, ``manifest.json``.
     """
     from tqdm.auto import tqdm
@@ -355,7 +355,7 @@ def write_shards(
         "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot": tok.special_tokens[EOT],
                       "file": TOKENIZER_FILE},
         "eot": "before every document", "shard_tokens": shard_tokens,
-        "split": {"rule": "sha256(id)[:8] / 2**64 < val_fraction", "val_fraction": val_fraction},
+        "split": {"rule": "sha256(id, or text without an id)[:8] / 2**64 < val_fraction", "val_fraction": val_fraction},
         "totals": totals, "shards": shards,
     }
     _atomic_write(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())  # last: the folder is done
