@@ -347,3 +347,20 @@ def test_invalid_utf8_and_bad_lines_are_counted_not_fatal(tmp_path, setup):
     assert read.extra == {"invalid_utf8_repaired": 1}
     kept = {d.id: d.text for d in report.kept()}
     assert kept["bad-utf8"] == "CAF\ufffd OL\ufffd THE KING AND THE QUEEN SPEAK" and "empty" not in kept
+
+
+def test_corpus_input_and_a_bad_corpus_setting(tmp_path, setup):
+    cfg = config(tmp_path)
+    del cfg["input"]
+    cfg["corpus"] = {"n_docs": "many"}
+    with pytest.raises(ValueError, match="corpus: option n_docs must be int, got str 'many'"):
+        runner.run(cfg, progress=False)
+    assert not (tmp_path / "out").exists()
+    cfg["corpus"] = {"n_docs": 120, "seed": 3}
+    report = runner.run(cfg, progress=False)
+    assert report.docs_in == 120 and report.stage("read").shards == 3
+    first = [d.id for d in report.kept()]
+    from llmbook.pipeline.dirty_corpus import CorpusConfig, make_corpus
+
+    ids = [d.id for d in make_corpus(CorpusConfig(n_docs=120, seed=3))]
+    assert first == [i for i in ids if i in set(first)] and len(first) > 0

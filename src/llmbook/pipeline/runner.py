@@ -14,7 +14,10 @@ The tokenizer writes the kept documents into token shards (``shards.py``).
 This is how datatrove and Spark-style systems scale the same stages: a task
 per input shard, no shared state inside a map, a barrier before a corpus-wide
 step; the book's runner runs the tasks in a local process pool instead of on
-SLURM or a cluster. Resuming follows from the same design: a shard whose
+SLURM or a cluster. Memory is bounded by the shards, not the corpus: a
+per-document step holds ``shard_docs`` documents per worker, the tokenizer a
+few chunks and one token shard per split; only a corpus-wide stage holds its
+whole input, as its ``fit`` needs it. Resuming follows from the same design: a shard whose
 ``.done.json`` exists is finished (the files are written atomically, data
 first, marker last), so a rerun skips it; a corpus-wide stage is one unit (an
 interruption inside it redoes it, as its ``fit`` saw the whole corpus).
@@ -445,6 +448,9 @@ def _prepare_output(cfg: PipelineConfig, force: bool) -> Path:
     identity = json.loads(json.dumps(cfg.identity()))  # as it will read back from JSON
     marker = out / "config.json"
     if out.exists() and any(out.iterdir()):
+        if marker.is_file() and not (out / "input" / "_done.json").is_file():
+            shutil.rmtree(out)  # a run stopped before its input was read: nothing to keep, nothing to resume
+    if out.exists() and any(out.iterdir()):
         if not marker.is_file():
             raise ValueError(f"{out} exists and is not a pipeline output folder (no config.json): choose a new folder")
         previous = json.loads(marker.read_text(encoding="utf-8"))
@@ -629,6 +635,10 @@ def run(config: PipelineConfig | dict | str | Path, force: bool = False, workers
             built.append(None)
         else:
             built.append(build_stage(spec.name, spec.options))
+    if cfg.corpus is not None:  # a bad corpus setting stops the run here too
+        from llmbook.pipeline.dirty_corpus import CorpusConfig
+
+        _build(CorpusConfig, cfg.corpus, "corpus")
     out = _prepare_output(cfg, force)
     labels = _display_names(cfg.stages)
     _worker_stages.clear()  # never a stage of an earlier run in this process
