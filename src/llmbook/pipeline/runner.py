@@ -14,10 +14,14 @@ The tokenizer writes the kept documents into token shards (``shards.py``).
 This is how datatrove and Spark-style systems scale the same stages: a task
 per input shard, no shared state inside a map, a barrier before a corpus-wide
 step; the book's runner runs the tasks in a local process pool instead of on
-SLURM or a cluster. Memory is bounded by the shards, not the corpus: a
-per-document step holds ``shard_docs`` documents per worker, the tokenizer a
-few chunks and one token shard per split; only a corpus-wide stage holds its
-whole input, as its ``fit`` needs it. Resuming follows from the same design: a shard whose
+SLURM or a cluster. So a stage whose decision depends on other documents
+(keep the first copy) must say so with ``needs_fit = True``: a per-document
+stage sees one shard in one worker and remembers nothing between shards.
+
+Memory is bounded by the shards, not the corpus: a per-document step holds
+``shard_docs`` documents per worker, the tokenizer a few chunks and one token
+shard per split; only a corpus-wide stage holds its whole input, as its
+``fit`` needs it. Resuming follows from the same design: a shard whose
 ``.done.json`` exists is finished (the files are written atomically, data
 first, marker last), so a rerun skips it; a corpus-wide stage is one unit (an
 interruption inside it redoes it, as its ``fit`` saw the whole corpus).
