@@ -82,7 +82,7 @@ def test_gopher_solution_passes_and_starter_is_not_attempted(capsys):
 def test_gopher_cases_cover_every_reason_and_keep():
     """The crafted texts reach every rule of the check, and datatrove keeps some of them."""
     verdicts = {ch02.reference_gopher(text) for _, text in ch02.gopher_cases()}
-    assert verdicts == {None, *ch02.GOPHER_REASONS}
+    assert verdicts | {"gopher_long_doc"} == {None, *ch02.GOPHER_REASONS}  # the check gives 100,001 words itself
 
 
 @pytest.mark.parametrize(("mistake", "hint"), [
@@ -96,6 +96,14 @@ def test_gopher_cases_cover_every_reason_and_keep():
 def test_gopher_mistakes_are_named(mistake, hint):
     message = _one_line_error(ch02.check_gopher_rule, functools.partial(_gopher, mistake=mistake))
     assert hint in message, message
+
+
+def test_gopher_without_the_long_rule_fails():
+    def no_long_rule(text, words):
+        reason = _gopher(text, words)
+        return None if reason == "gopher_long_doc" else reason
+
+    assert "expected 'gopher_long_doc'" in _one_line_error(ch02.check_gopher_rule, no_long_rule)
 
 
 def test_gopher_wrong_reason_name_is_explained():
