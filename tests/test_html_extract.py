@@ -85,5 +85,6 @@ def test_agreement_with_trafilatura_runs_and_is_measured(pages):
     for key in ("ours_f1", "trafilatura_f1", "ours_vs_trafilatura_f1", "ours_exact", "trafilatura_exact"):
         assert 0.0 <= result[key] <= 1.0
     assert result["ours_f1"] > 0.8 and result["trafilatura_f1"] > 0.6
+    assert extraction_agreement(pages[:3], favor_recall=True)["pages"] == 3
     with pytest.raises(ValueError, match="at least one"):
         extraction_agreement([])

@@ -36,7 +36,10 @@ whose answers are known. How it is made (what the chapter says):
 Every document's metadata: ``source``, ``origin`` (excerpt, recombined or
 generated), ``planted``, ``dup_of``, ``jaccard``, ``lang``, ``pii`` (the
 planted strings), ``boilerplate`` (the planted lines), ``format`` ("text" or
-"html", then also ``main_text``: the page's true main text).
+"html"). Some also carry ``main_text`` and ``html_boilerplate`` (an HTML
+page's true main text and its boilerplate strings), ``offensive`` (the planted
+lines), ``boilerplate_kind`` ("site" or "gutenberg") and ``variant`` (how an
+exact duplicate differs: "identical", "whitespace", "case").
 
 The foreign pages recombine a small public-domain sample (``foreign``), so they
 are near duplicates of each other as well; a pipeline removes them with the
@@ -408,9 +411,26 @@ def _gutenberg() -> tuple[str, str]:
     return "\n".join(lines[: start + 1]).strip(), "\n".join(lines[end:]).strip()
 
 
-_PRODUCTS = ["watches", "sneakers", "phone cases", "sunglasses", "handbags", "car insurance", "payday loans",
-             "hotel deals", "weight loss pills", "web hosting", "concert tickets", "replica jerseys", "vitamins",
-             "laptops", "garden furniture", "essay writing", "followers", "crypto signals"]
+_PRODUCTS = [
+    "watches",
+    "sneakers",
+    "phone cases",
+    "sunglasses",
+    "handbags",
+    "car insurance",
+    "payday loans",
+    "hotel deals",
+    "weight loss pills",
+    "web hosting",
+    "concert tickets",
+    "replica jerseys",
+    "vitamins",
+    "laptops",
+    "garden furniture",
+    "essay writing",
+    "followers",
+    "crypto signals",
+]
 _CITIES = ["London", "New York", "Chicago", "Dallas", "Toronto", "Sydney", "Miami", "Boston", "Denver", "Leeds"]
 
 
@@ -424,24 +444,47 @@ def _spam(rng: random.Random) -> list[list[str]]:
         if form == 0:
             lines.append(f"Buy cheap {p} online! Best price {p}, discount {p}, cheap {p} sale, free shipping!!!")
         elif form == 1:
-            kws = [f"{a} {p}" for a in rng.sample(["cheap", "best", "discount", "buy", "top", "sale", "online",
-                                                   "free", "new", "original", "wholesale"], 6)]
+            kws = [
+                f"{a} {p}"
+                for a in rng.sample(
+                    [
+                        "cheap",
+                        "best",
+                        "discount",
+                        "buy",
+                        "top",
+                        "sale",
+                        "online",
+                        "free",
+                        "new",
+                        "original",
+                        "wholesale",
+                    ],
+                    6,
+                )
+            ]
             lines.append("Tags: " + ", ".join(kws + [f"{p} {city}", f"cheap {q}"]))
         elif form == 2:
-            lines.append(f"CLICK HERE for the best {p} deals in {city}! Save {rng.randint(20, 90)}% today only, "
-                         f"order now, limited offer, best price guaranteed.")
+            lines.append(
+                f"CLICK HERE for the best {p} deals in {city}! Save {rng.randint(20, 90)}% today only, "
+                f"order now, limited offer, best price guaranteed."
+            )
         elif form == 3:
             lines.append(" ".join([f"cheap {p} best price"] * rng.randint(3, 8)))
         else:
-            lines.append(f"{p} {p} {p} {city} {p} buy {p} now {p} cheap {q} cheap {q} best {q} "
-                         f"#{rng.randint(100, 99999)}")
+            lines.append(
+                f"{p} {p} {p} {city} {p} buy {p} now {p} cheap {q} cheap {q} best {q} #{rng.randint(100, 99999)}"
+            )
     return [lines]
 
 
 def _gibberish(rng: random.Random) -> list[list[str]]:
     """Letter soup, symbol soup or base64-like blobs: text with no words in it."""
-    alphabets = [string.ascii_lowercase, "#$%&*@^~|<>{}[]=+/\\_" + string.digits + "xyzq",
-                 string.ascii_letters + string.digits + "+/="]
+    alphabets = [
+        string.ascii_lowercase,
+        "#$%&*@^~|<>{}[]=+/\\_" + string.digits + "xyzq",
+        string.ascii_letters + string.digits + "+/=",
+    ]
     lines = []
     for _ in range(rng.randint(3, 12)):
         style = rng.randrange(3)
@@ -452,11 +495,13 @@ def _gibberish(rng: random.Random) -> list[list[str]]:
     return [lines]
 
 
-_LOREM = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et "
-          "dolore magna aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris nisi aliquip ex ea "
-          "commodo consequat duis aute irure in reprehenderit voluptate velit esse cillum fugiat nulla pariatur "
-          "excepteur sint occaecat cupidatat non proident sunt culpa qui officia deserunt mollit anim id est "
-          "laborum").split()
+_LOREM = (
+    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et "
+    "dolore magna aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris nisi aliquip ex ea "
+    "commodo consequat duis aute irure in reprehenderit voluptate velit esse cillum fugiat nulla pariatur "
+    "excepteur sint occaecat cupidatat non proident sunt culpa qui officia deserunt mollit anim id est "
+    "laborum"
+).split()
 
 
 def _lorem_paragraph(rng: random.Random, first: bool) -> str:
@@ -467,9 +512,13 @@ def _lorem_paragraph(rng: random.Random, first: bool) -> str:
     return " ".join(sents)
 
 
-_ERRORS = ["404 Not Found. The page {p} does not exist.", "Loading... Please enable JavaScript to view {p}.",
-           "Access denied. You do not have permission to view {p}.", "This page {p} has moved. Redirecting...",
-           "Coming soon! {p} is under construction."]
+_ERRORS = [
+    "404 Not Found. The page {p} does not exist.",
+    "Loading... Please enable JavaScript to view {p}.",
+    "Access denied. You do not have permission to view {p}.",
+    "This page {p} has moved. Redirecting...",
+    "Coming soon! {p} is under construction.",
+]
 
 
 def _short(rng: random.Random, supply: _Supply) -> list[list[str]]:
@@ -497,10 +546,28 @@ def _foreign(rng: random.Random) -> tuple[list[list[str]], str]:
     return paragraphs, lang
 
 
-_INSULTS = ["a complete idiot", "an absolute moron", "a clueless jerk", "full of crap", "a pathetic loser",
-            "dumb as a rock", "a lying sack of crap", "a stupid ass", "an arrogant twit", "a total dumbass"]
-_CURSES = ["", " Shut up.", " What a load of crap.", " Damn it.", " This is bullshit.", " Get lost, idiot.",
-           " Holy shit.", " Go to hell."]
+_INSULTS = [
+    "a complete idiot",
+    "an absolute moron",
+    "a clueless jerk",
+    "full of crap",
+    "a pathetic loser",
+    "dumb as a rock",
+    "a lying sack of crap",
+    "a stupid ass",
+    "an arrogant twit",
+    "a total dumbass",
+]
+_CURSES = [
+    "",
+    " Shut up.",
+    " What a load of crap.",
+    " Damn it.",
+    " This is bullshit.",
+    " Get lost, idiot.",
+    " Holy shit.",
+    " Go to hell.",
+]
 _TARGETS = ["You are", "The author is", "Whoever wrote this is", "Your boss is", "This guy is", "Honestly, you are"]
 
 
@@ -520,8 +587,15 @@ def _pii(rng: random.Random) -> tuple[str, list[str]]:
     sep = rng.choice([".", "_", ""])
     email = f"{first}{sep}{last}{rng.randint(1, 999)}@{rng.choice(_DOMAINS)}"
     a, b, c = rng.randint(200, 989), rng.randint(200, 999), rng.randint(0, 9999)
-    phone = rng.choice([f"({a}) {b}-{c:04d}", f"{a}-{b}-{c:04d}", f"+1 {a} {b} {c:04d}",
-                        f"+44 20 {b:03d}{rng.randint(0, 9)} {c:04d}", f"{a}.{b}.{c:04d}"])
+    phone = rng.choice(
+        [
+            f"({a}) {b}-{c:04d}",
+            f"{a}-{b}-{c:04d}",
+            f"+1 {a} {b} {c:04d}",
+            f"+44 20 {b:03d}{rng.randint(0, 9)} {c:04d}",
+            f"{a}.{b}.{c:04d}",
+        ]
+    )
     ip = ".".join(str(rng.randint(1, 254)) for _ in range(4))
     form = rng.randrange(5)
     if form == 0:
@@ -543,7 +617,8 @@ def _repeated_chars(rng: random.Random) -> str:
     if form == 1:
         word = rng.choice(["so", "no", "wow", "yes", "cool", "ha", "go"])
         return f"{word[:-1]}{word[-1] * rng.randint(8, 40)} {rng.choice(['good', 'bad', 'funny', 'true'])}" + (
-            "!" * rng.randint(6, 30))
+            "!" * rng.randint(6, 30)
+        )
     return " ".join(rng.choice(["a", "z", "x", "lol", "ha"]) * rng.randint(6, 30) for _ in range(rng.randint(1, 4)))
 
 
@@ -569,8 +644,10 @@ def _exact_copy(rng: random.Random, orig: Document) -> tuple[str, dict]:
     variant = rng.choice(["identical", "identical", "whitespace", "case"])
     text = orig.text
     if variant == "whitespace":
-        lines = [(" " * rng.randint(1, 4) if rng.random() < 0.3 else "") + ln + (" " if rng.random() < 0.3 else "")
-                 for ln in text.split("\n")]
+        lines = [
+            (" " * rng.randint(1, 4) if rng.random() < 0.3 else "") + ln + (" " if rng.random() < 0.3 else "")
+            for ln in text.split("\n")
+        ]
         text = "\n".join(lines).replace("\n\n", "\n\n\n") + "\n"
     elif variant == "case":
         change = rng.choice([str.lower, str.upper])
@@ -720,8 +797,12 @@ def _to_html(rng: random.Random, paragraphs: list[list[str]], site: tuple[str, l
         inner = "<br>\n".join(lines)
         body.append(f"<p>{inner}</p>" if rng.random() < 0.7 else f'<div class="text">{inner}</div>')
     nav = "".join(f'<li><a href="/{esc(m.lower().replace(" ", "-"))}">{esc(m)}</a></li>' for m in menu)
-    picks = [rng.choice(["Top 10 tips for beginners", "Read this next", "Popular this week", "Editor's choice",
-                         "You may also like"]) for _ in range(3)]
+    picks = [
+        rng.choice(
+            ["Top 10 tips for beginners", "Read this next", "Popular this week", "Editor's choice", "You may also like"]
+        )
+        for _ in range(3)
+    ]
     related = "".join(f'<li><a href="/post/{rng.randint(1, 9999)}">{esc(t)}</a></li>' for t in picks)
     cookie = _COOKIE[s % len(_COOKIE)]
     shares = _SHARE[: 2 + s % 4]
@@ -729,13 +810,16 @@ def _to_html(rng: random.Random, paragraphs: list[list[str]], site: tuple[str, l
     footer_line = _FOOTER[s % len(_FOOTER)]
     copyright_line = f"© {2015 + s % 9} {name}. All rights reserved."
     if semantic:
-        main_open, main_close = rng.choice([("<main><article>", "</article></main>"),
-                                            ('<div id="content" class="post-content">', "</div>")])
+        main_open, main_close = rng.choice(
+            [("<main><article>", "</article></main>"), ('<div id="content" class="post-content">', "</div>")]
+        )
         parts = [
             f'<header class="site-header"><div class="logo">{esc(name)}</div>',
             f'<nav class="menu"><ul>{nav}</ul></nav></header>',
             f'<div id="cookie-banner" class="cookie-consent"><p>{esc(cookie)}</p><button>Accept</button></div>',
-            main_open, *body, main_close,
+            main_open,
+            *body,
+            main_close,
             f'<aside class="sidebar"><h3>Related posts</h3><ul>{related}</ul></aside>',
             f'<div class="share-buttons">{share}</div>',
             f"<footer><p>{esc(footer_line)}</p>\n<p>{esc(copyright_line)}</p></footer>",
@@ -745,20 +829,32 @@ def _to_html(rng: random.Random, paragraphs: list[list[str]], site: tuple[str, l
             f'<div class="top"><div class="logo">{esc(name)}</div>',
             f'<div class="links"><ul>{nav}</ul></div></div>',
             f'<div id="cc-{rng.randint(100, 999)}" class="box"><p>{esc(cookie)}</p></div>',
-            '<div class="wrap"><div class="col-left">', *body, "</div>",
+            '<div class="wrap"><div class="col-left">',
+            *body,
+            "</div>",
             f'<div class="col-right"><h3>Related posts</h3><ul>{related}</ul></div></div>',
             f'<div class="bar">{share}</div>',
             f'<div class="bottom"><p>{esc(footer_line)}</p>\n<p>{esc(copyright_line)}</p></div>',
         ]
     title = esc(" ".join(paragraphs[0][0].split()[:6]))
-    page = "\n".join([
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{title} - {esc(name)}</title>",
-        "<style>body { font-family: Georgia, serif; } .links li { display: inline; }</style>",
-        "<script>window.dataLayer = window.dataLayer || []; function gtag(){dataLayer.push(arguments);}</script>",
-        "</head>", "<body>", *parts,
-        f'<script src="/static/js/app.{rng.randint(1000, 9999)}.js"></script>', "</body>", "</html>", "",
-    ])
+    page = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            f"<title>{title} - {esc(name)}</title>",
+            "<style>body { font-family: Georgia, serif; } .links li { display: inline; }</style>",
+            "<script>window.dataLayer = window.dataLayer || []; function gtag(){dataLayer.push(arguments);}</script>",
+            "</head>",
+            "<body>",
+            *parts,
+            f'<script src="/static/js/app.{rng.randint(1000, 9999)}.js"></script>',
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
     return page, [name, " | ".join(menu), cookie, *picks, *shares, footer_line, copyright_line]
 
 
@@ -767,8 +863,17 @@ def _to_html(rng: random.Random, paragraphs: list[list[str]], site: tuple[str, l
 
 
 def _meta(source: str, origin: str, lang: str = "en") -> dict:
-    return {"source": source, "origin": origin, "planted": [], "dup_of": None, "jaccard": None, "lang": lang,
-            "pii": [], "boilerplate": [], "format": "text"}
+    return {
+        "source": source,
+        "origin": origin,
+        "planted": [],
+        "dup_of": None,
+        "jaccard": None,
+        "lang": lang,
+        "pii": [],
+        "boilerplate": [],
+        "format": "text",
+    }
 
 
 def make_corpus(cfg: CorpusConfig | None = None) -> list[Document]:
