@@ -322,14 +322,17 @@ def _near_dedup(texts, bands, rows, threshold, seed=1, mistake=None):
             x = parent[x]  # no path compression: still correct
         return x
 
-    for i, j in sorted(candidates):
-        if mistake == "no_verify" or jaccard(shingles[i], shingles[j]) >= threshold:
-            if mistake == "link_non_roots":
-                parent[j] = i
-                continue
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
+    verified = [(i, j) for i, j in sorted(candidates)
+                if mistake == "no_verify" or jaccard(shingles[i], shingles[j]) >= threshold]
+    if mistake == "verified_candidates":
+        candidates = set(verified)
+    for i, j in verified:
+        if mistake == "link_non_roots":
+            parent[j] = i
+            continue
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
     roots = [find(i) for i in range(len(texts))]
     smallest = {}
     for i, r in enumerate(roots):
@@ -399,6 +402,7 @@ def test_planted_corpus_is_the_truth():
     ("overlapping_bands", "your bands overlap"),
     ("unordered_pairs", "list each pair once, as (min, max)"),
     ("no_verify", "verify every candidate pair with the exact Jaccard"),
+    ("verified_candidates", "these are the verified pairs"),
     ("link_non_roots", "a union-find must link the roots"),
     ("drop_all", "kept no document"),
     ("keep_last", "keep the *first* document"),

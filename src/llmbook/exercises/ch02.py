@@ -675,7 +675,7 @@ def check_near_dedup(near_dedup):
                          num_perm, what)
         want = reference_near_dedup(texts, bands, rows, threshold)
         _check_signatures(got.signatures, want.signatures, texts, num_perm, what)
-        _check_candidates(got.candidates, want.candidates, texts, bands, rows, what)
+        _check_candidates(got.candidates, want.candidates, texts, bands, rows, threshold, what)
         _check_clusters(got, want, corpus, what)
         if got.keep != want.keep:
             if sorted(set(got.keep)) == want.keep:
@@ -713,7 +713,8 @@ def _check_signatures(got: np.ndarray, want: np.ndarray, texts: list[str], num_p
                          f"of {num_perm} values{hint}")
 
 
-def _check_candidates(got: set, want: set, texts: list[str], bands: int, rows: int, what: str) -> None:
+def _check_candidates(got: set, want: set, texts: list[str], bands: int, rows: int, threshold: float,
+                      what: str) -> None:
     if got == want:
         return
     if any(i == j for i, j in got):
@@ -726,6 +727,9 @@ def _check_candidates(got: set, want: set, texts: list[str], bands: int, rows: i
     if got == band_candidates(sigs, bands, rows, overlapping=True):
         hint = (f"; your bands overlap: band k is rows k·r .. k·r + r - 1 = sig[k * {rows}:(k + 1) * {rows}], "
                 f"not sig[k:k + {rows}]")
+    elif got == {(i, j) for i, j in want if jaccard(word_shingles(texts[i]), word_shingles(texts[j])) >= threshold}:
+        hint = ("; these are the verified pairs: return LSH's candidates as they come out of the bands, before "
+                "the Jaccard check (the check compares them with MinHashLSH's)")
     elif got <= want and len(got) < len(want) / 2:
         hint = ("; most candidates are missing: is each band's key all r of its values (sig[k*r:(k+1)*r], as a "
                 "tuple or bytes), and are all documents' signatures made with the same permutations?")
