@@ -129,7 +129,9 @@ def planted_recall(docs: list[Document], masker: PIIMasker | None = None) -> dic
 
     A planted string (``metadata["pii"]``) counts as caught when it no longer
     appears in the masked text. Masks in documents without planted PII are
-    false alarms (the corpus's clean text has no real addresses or numbers).
+    counted too: in the dirty corpus they are Project Gutenberg's license
+    footer, which holds the foundation's real address, phone number and
+    e-mail addresses (masking them is right).
     """
     masker = masker or PIIMasker()
     planted = caught = 0
