@@ -364,3 +364,12 @@ def test_corpus_input_and_a_bad_corpus_setting(tmp_path, setup):
 
     ids = [d.id for d in make_corpus(CorpusConfig(n_docs=120, seed=3))]
     assert first == [i for i in ids if i in set(first)] and len(first) > 0
+
+
+def test_every_registered_name_is_a_stage():
+    from llmbook.pipeline.stage import Stage
+
+    for name in runner.REGISTRY:
+        target = runner.stage_class(name)
+        assert name == "tokenize" or (isinstance(target, type) and issubclass(target, Stage)), name
+    assert runner.stage_class("tokenize") is shards.write_shards

@@ -64,7 +64,7 @@ REGISTRY: dict[str, str] = {
     "gopher": "llmbook.pipeline.gopher:GopherQuality",
     "c4": "llmbook.pipeline.c4:C4Quality",
     "exact_dedup": "llmbook.pipeline.exact_dedup:ExactDedup",
-    "near_dedup": "llmbook.pipeline.minhash:NearDedup",
+    "near_dedup": "llmbook.pipeline.lsh:NearDedup",
     "quality": "llmbook.pipeline.classifier:QualityFilter",
     "toxicity": "llmbook.pipeline.toxicity:ToxicityFilter",
     "pii": "llmbook.pipeline.pii:PIIMasker",
