@@ -200,8 +200,11 @@ def test_shard_dataset_streams_every_token_across_boundaries(tmp_path, byte_toke
     whole = np.concatenate([read_shard(p) for p in shards.shard_paths(tmp_path / "s")]).astype(np.int64)
     B, T = 3, 16
     ds = ShardDataset(tmp_path / "s", B, T, shuffle=False)
-    n = (len(whole) - 1) // (B * T)
-    batches = list(islice(ds, n))
+    n = ds.batches_per_epoch
+    assert n == (len(whole) - 1) // (B * T) and n > 10
+    batches = list(islice(ds, n + 1))
+    assert batches[n][0].flatten().tolist() == whole[: B * T].tolist()  # the next epoch starts over
+    batches = batches[:n]
     for k, (x, y) in enumerate(batches):
         assert x.shape == y.shape == (B, T) and x.dtype == y.dtype
         window = whole[k * B * T : k * B * T + B * T + 1]

@@ -500,9 +500,15 @@ class ShardDataset:
         self.paths = shard_paths(folder, split)
         self.B, self.T, self.seed, self.shuffle = batch_size, context_length, seed, shuffle
         counts = [read_header(p)[1] for p in self.paths]
+        self.tokens = sum(counts)
         if sum(counts) < batch_size * context_length + 1:
             raise ValueError(f"the {split} shards of {folder} hold {sum(counts)} tokens, fewer than one batch of "
                              f"{batch_size} x {context_length} + 1: use a smaller batch or more text")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches in one pass: each takes B·T new tokens, plus one to predict at the end of the pass."""
+        return (self.tokens - 1) // (self.B * self.T)
 
     def epoch_order(self, epoch: int) -> list[Path]:
         if not self.shuffle:
