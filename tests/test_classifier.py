@@ -217,6 +217,9 @@ def test_toxicity_on_planted_lines(corpus, toxicity):
     assert report["n_train_lines"] <= report["n_train_toxic_lines"] + 3000
     assert report["line"]["recall"] >= 0.9 and report["line"]["precision"] >= 0.9
     assert report["page"]["recall"] >= 0.9 and report["page"]["precision"] >= 0.8
+    # bias, on purpose: it learnt the planted template as much as the insults
+    template, old_insult = clf.proba_of(["Comment by reader: I loved this chapter.", "Thou whoreson dog!"], "toxic")
+    assert template > old_insult
     f = ToxicityFilter(clf)
     sample = [d for d in corpus if d.metadata.get("format") == "text"][:200]
     assert [r for _, r in f.run(sample)] == [f.apply(d)[1] for d in sample]

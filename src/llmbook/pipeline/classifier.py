@@ -26,12 +26,15 @@ polynomial hash over code points, finished by the splitmix64 mixer, runs
 vectorized in numpy and gives the same buckets on every machine.
 
 The quality classifier at the end contrasts "good" text with "bad" text, as
-GPT-3 (Brown et al. 2020, appendix A: a classifier of WebText, Wikipedia and
-books against raw Common Crawl) and CCNet-style pipelines do; FineWeb-Edu
-(Penedo et al. 2024) trains its classifier on an LLM's educational-value
-annotations instead. Here the labels are the dirty corpus's planted ground
-truth: clean book text against spam, gibberish, lorem ipsum and repeated
-characters.
+GPT-3 did (Brown et al. 2020, appendix A: logistic regression on hashed
+token features, WebText, Wikipedia and books against raw Common Crawl) and
+LLaMA (Touvron et al. 2023: a linear model, pages cited by Wikipedia against
+random pages). FineWeb-Edu (Penedo et al. 2024) trains its classifier on an
+LLM's annotations of educational value instead. Here the labels are the
+dirty corpus's planted ground truth: clean book text against spam,
+gibberish, lorem ipsum and repeated characters. Whatever the reference set
+is, the classifier learns "unlike the reference" as "low quality": on the
+corpus it flags every foreign-language page, which it was never shown.
 """
 
 from __future__ import annotations
@@ -171,9 +174,10 @@ def tokenize(texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
     tokens = [t.lower().split() for t in texts]
     lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
     flat = list(chain.from_iterable(tokens))
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(flat))}
+    distinct = list(dict.fromkeys(flat))  # first-seen order: deterministic, no set iteration
+    vocab = dict(zip(distinct, range(len(distinct)), strict=True))
     ids = np.fromiter(map(vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
-    return list(vocab), ids, lengths
+    return distinct, ids, lengths
 
 
 @dataclass

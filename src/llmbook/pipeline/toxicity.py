@@ -10,12 +10,15 @@ The labels are the dirty corpus's planted lines (``metadata["offensive"]``)
 against every other line. That is also the filter's limit, and the chapter's
 point about classifier bias: the model learns what was planted, a few dozen
 insults and curses in a "Comment by user123:" template, not what is
-offensive. It has never seen a slur that was not planted, and it may learn
-the template ("Comment by") as readily as the insult. alt-profanity-check, a
-linear SVM over a bag of words trained on tens of thousands of labelled
-comments, knows many more words but flags the words, not the intent, so
-Shakespeare's "whoreson" and a harmless "damn" can trip it. Measuring both
-against the same planted truth shows each one's blind spots.
+offensive. Its most "toxic" words (``top_words``) are "comment" and "by":
+on the 10 K corpus it scores "Comment by reader: I loved this chapter."
+0.985 and "Shut up, you stupid ass." 0.019, and it has never seen a slur
+that was not planted. alt-profanity-check (a calibrated linear SVM over
+TF-IDF word features, trained on Davidson et al.'s hate-speech tweets and
+Jigsaw's toxic Wikipedia comments, per its README) knows many more words
+but flags words, not intent: Shakespeare's "bloody" and "suck" trip it on a
+quarter of the clean pages. Measuring both against the same planted truth
+shows each one's blind spots.
 """
 
 from __future__ import annotations
