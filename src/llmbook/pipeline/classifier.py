@@ -435,6 +435,14 @@ def precision_recall(y_true: Sequence, y_pred: Sequence, positive=True) -> Preci
     return PrecisionRecall(precision, recall, f1, tp, fp, fn, int((~t & ~p).sum()))
 
 
+def sample(items: list, k: int | None, seed: int = 0) -> list:
+    """At most ``k`` of ``items``, a seeded random choice kept in the original order (all of them for k=None)."""
+    if k is None or len(items) <= k:
+        return items
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), k, replace=False))
+    return [items[i] for i in keep]
+
+
 def held_out(doc: Document, test_fraction: float = 0.2, seed: int = 0) -> bool:
     """Whether a document falls in the held-out split: decided by a stable hash of its group id.
 
@@ -470,6 +478,7 @@ def train_labelled(
     test_fraction: float = 0.2,
     threshold: float = 0.5,
     max_train: int | None = 4000,
+    max_test: int | None = None,
     **fit_args,
 ) -> tuple[HashedNgramClassifier, dict]:
     """Train on the documents ``label_of`` labels, outside the held-out split; measure on the held-out split.
@@ -480,11 +489,9 @@ def train_labelled(
     flags: what it catches beyond what it was trained on.
     """
     docs = list(docs)
-    test = [d for d in docs if held_out(d, test_fraction, seed)]
+    test = sample([d for d in docs if held_out(d, test_fraction, seed)], max_test, seed)
     train = [d for d in docs if not held_out(d, test_fraction, seed) and label_of(d) is not None]
-    if max_train is not None and len(train) > max_train:
-        keep = np.sort(np.random.default_rng(seed).choice(len(train), max_train, replace=False))
-        train = [train[i] for i in keep]
+    train = sample(train, max_train, seed)
     if len({label_of(d) for d in train}) < 2:
         raise ValueError("training needs documents of both classes outside the held-out split; use more documents")
     t0 = time.perf_counter()
@@ -550,7 +557,7 @@ class QualityFilter(Filter):
     def fit(self, docs: Iterable[Document]) -> None:
         if self.clf is None:
             self.clf, self.report = train_labelled(
-                docs, self.label_of, self.positive, seed=self.seed, max_train=self.max_train
+                docs, self.label_of, self.positive, seed=self.seed, max_train=self.max_train, max_test=2000
             )
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:

@@ -29,7 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from llmbook.pipeline.classifier import HashedNgramClassifier, held_out, precision_recall, scored_decisions, top_words
+from llmbook.pipeline.classifier import (
+    HashedNgramClassifier,
+    held_out,
+    precision_recall,
+    sample,
+    scored_decisions,
+    top_words,
+)
 from llmbook.pipeline.document import Document
 from llmbook.pipeline.stage import Decision, Filter
 
@@ -72,9 +79,7 @@ def labelled_lines(docs: Iterable[Document], max_negative: int = 10_000, seed: i
             raise ValueError(f"{doc.id}: an 'offensive' page without metadata['offensive'] (its planted lines)")
         for line in lines_of([doc.text])[0]:
             (toxic if line in planted else others).append(line)
-    if len(others) > max_negative:
-        keep = np.sort(np.random.default_rng(seed).choice(len(others), max_negative, replace=False))
-        others = [others[i] for i in keep]
+    others = sample(others, max_negative, seed)
     return toxic + others, ["toxic"] * len(toxic) + ["ok"] * len(others)
 
 
@@ -85,6 +90,7 @@ def train_toxicity_classifier(
     threshold: float = 0.5,
     epochs: int = 5,
     max_negative: int = 10_000,
+    max_test: int | None = None,
 ) -> tuple[HashedNgramClassifier, dict]:
     """Train on the lines of the pages outside the held-out split; measure on the held-out pages.
 
@@ -92,11 +98,12 @@ def train_toxicity_classifier(
     and page-level precision/recall (a page is flagged when its worst line is
     above ``threshold``; truth: "offensive" in its planted labels), and the
     words the model weighs most towards "toxic" (what it learnt). Training
-    reads every planted line and ``max_negative`` other lines.
+    reads every planted line and ``max_negative`` other lines; at most
+    ``max_test`` held-out pages (a seeded sample) are measured.
     """
     docs = [d for d in docs if _is_text(d)]
     train = [d for d in docs if not held_out(d, test_fraction, seed)]
-    test = [d for d in docs if held_out(d, test_fraction, seed)]
+    test = sample([d for d in docs if held_out(d, test_fraction, seed)], max_test, seed)
     texts, labels = labelled_lines(train, max_negative=max_negative, seed=seed)
     if "toxic" not in labels:
         raise ValueError("no planted offensive line outside the held-out split: use a larger corpus")
@@ -222,7 +229,9 @@ class ToxicityFilter(Filter):
 
     def fit(self, docs: Iterable[Document]) -> None:
         if self.clf is None:
-            self.clf, self.report = train_toxicity_classifier(docs, seed=self.seed, threshold=self.threshold)
+            self.clf, self.report = train_toxicity_classifier(
+                docs, seed=self.seed, threshold=self.threshold, max_test=2000
+            )
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         if self.clf is None:
