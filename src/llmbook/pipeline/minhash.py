@@ -85,10 +85,12 @@ def _word_hash(word: bytes) -> int:
 
 
 def _word_hashes(words: list[bytes]) -> list[int]:
-    missing = set(words).difference(_word_hash_cache)  # each distinct word is hashed once per process
-    for w in missing:
-        _word_hash_cache[w] = _word_hash(w)
-    return list(map(_word_hash_cache.__getitem__, words))
+    try:
+        return list(map(_word_hash_cache.__getitem__, words))  # a dict lookup per word once the vocabulary is known
+    except KeyError:
+        for w in set(words).difference(_word_hash_cache):  # each distinct word is hashed once per process
+            _word_hash_cache[w] = _word_hash(w)
+        return list(map(_word_hash_cache.__getitem__, words))
 
 
 def shingle_hashes_batch(texts: Sequence[str], n: int = 5) -> tuple[np.ndarray, np.ndarray]:
