@@ -22,7 +22,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import accumulate
+
+import numpy as np
 
 from llmbook.pipeline.gopher import WordSplitter, split_words
 from llmbook.pipeline.stage import Filter
@@ -44,39 +45,55 @@ def duplicates(parts: list[str]) -> tuple[int, int]:
     return n_dup, n_chars
 
 
-def _ngrams(words: list[str], n: int, sep: str) -> list[str]:
-    """All n-grams of ``words`` joined with ``sep``, as slices of one joined string (no per-n-gram join)."""
-    if len(words) < n:
-        return []
-    text = sep.join(words)
-    # start of each word in ``text``: word i starts after the lengths of words 0..i-1 and i separators
-    starts = [0, *accumulate(len(w) + len(sep) for w in words)]
-    ends = [s - len(sep) for s in starts[n:]]
-    return list(map(text.__getitem__, map(slice, starts[: len(ends)], ends)))
+class NGrams:
+    """A page's word n-grams as slices of the joined words: no n-gram is built by a Python-level join.
+
+    The words are joined once with a space (datatrove's n-grams for the top n-gram rules) and once with
+    nothing (its keys for the duplicated n-gram rules); numpy's cumulative sum of the word lengths gives
+    where each word starts, and an n-gram is one slice from the start of its first word to the end of its last.
+    """
+
+    def __init__(self, words: list[str]):
+        self.n_words = len(words)
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        self._joined = {" ": " ".join(words), "": "".join(words)}
+        self._starts = {
+            " ": np.concatenate(([0], np.cumsum(lengths + 1))),
+            "": np.concatenate(([0], np.cumsum(lengths))),
+        }
+
+    def grams(self, n: int, sep: str) -> list[str]:
+        """The n-grams in order, words joined with ``sep`` ("" or " ")."""
+        count = self.n_words - n + 1
+        if count <= 0:
+            return []
+        starts = self._starts[sep]
+        first, end = starts[:count].tolist(), (starts[n : n + count] - len(sep)).tolist()
+        return list(map(self._joined[sep].__getitem__, map(slice, first, end)))
 
 
-def top_ngram_chars(words: list[str], n: int) -> int:
+def top_ngram_chars(grams: NGrams, n: int) -> int:
     """Characters covered by the most frequent n-gram (its length times its count; the first one met wins a tie)."""
-    grams = _ngrams(words, n, " ")
-    if not grams:
+    ngrams = grams.grams(n, " ")
+    if not ngrams:
         return 0
-    gram, count = Counter(grams).most_common(1)[0]
+    gram, count = Counter(ngrams).most_common(1)[0]
     return len(gram) * count
 
 
-def duplicated_ngram_chars(words: list[str], n: int) -> int:
+def duplicated_ngram_chars(grams: NGrams, n: int) -> int:
     """Characters of the n-grams that repeat an earlier one, scanning left to right and jumping past each repeat.
 
     The scan is sequential (a jump decides what is seen next), but most pages have no repeated n-gram at
     all: a set of all n-grams the size of the list says so in one pass, and the loop runs only otherwise.
     """
-    grams = _ngrams(words, n, "")
-    if len(set(grams)) == len(grams):
+    ngrams = grams.grams(n, "")
+    if len(set(ngrams)) == len(ngrams):
         return 0
     seen: set[str] = set()
     repeated = i = 0
-    while i < len(grams):
-        gram = grams[i]
+    while i < len(ngrams):
+        gram = ngrams[i]
         if gram in seen:
             repeated += len(gram)
             i += n
@@ -127,11 +144,11 @@ class GopherRepetition(Filter):
             return "dup_line_frac"
         if t.dup_line_char_frac and dup_chars / n_chars > t.dup_line_char_frac:
             return "dup_line_char_frac"
-        words = self.split(text)
+        grams = NGrams(self.split(text))
         for n, frac in t.top_n_grams:
-            if top_ngram_chars(words, n) / n_chars > frac:
+            if top_ngram_chars(grams, n) / n_chars > frac:
                 return f"top_{n}_gram"
         for n, frac in t.dup_n_grams:
-            if duplicated_ngram_chars(words, n) / n_chars > frac:
+            if duplicated_ngram_chars(grams, n) / n_chars > frac:
                 return f"duplicated_{n}_n_grams"
         return None
