@@ -254,3 +254,23 @@ def test_fast_splitter_agreement(corpus):
     report = compare_with_datatrove(corpus)
     for name, row in report.items():
         assert row["agreement"] >= FAST_AGREEMENT[name], (name, row["agreement"], row["examples"])
+
+
+def test_ngram_counts_equal_datatrove_s_on_random_words():
+    """Hashed n-grams give datatrove's counts: ties (first seen wins), jumps, and its "".join keys."""
+    import random
+
+    from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
+
+    from llmbook.pipeline.repetition import NGrams, duplicated_ngram_chars, top_ngram_chars
+
+    rng = random.Random(0)
+    vocab = ["a", "b", "ab", "ba", "c", "bc", "abc", "the", "ünï", "—"]
+    for _ in range(300):
+        words = [rng.choice(vocab[: rng.randint(2, len(vocab))]) for _ in range(rng.randint(0, 40))]
+        grams = NGrams(words)
+        for n in (2, 3, 4):
+            expected = find_top_duplicate(get_n_grams(words, n)) if len(words) >= n else 0
+            assert top_ngram_chars(grams, n) == expected, (words, n)
+        for n in range(5, 11):
+            assert duplicated_ngram_chars(grams, n) == find_all_duplicate(words, n), (words, n)

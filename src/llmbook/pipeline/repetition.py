@@ -20,7 +20,6 @@ as its words joined without spaces and the scan jumps past it (so overlapping re
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,60 +44,85 @@ def duplicates(parts: list[str]) -> tuple[int, int]:
     return n_dup, n_chars
 
 
-class NGrams:
-    """A page's word n-grams as slices of the joined words: no n-gram is built by a Python-level join.
+_BASE = 0x9E3779B97F4A7C15  # odd, so invertible modulo 2**64
+_BASE_INV = pow(_BASE, -1, 1 << 64)
 
-    The words are joined once with a space (datatrove's n-grams for the top n-gram rules) and once with
-    nothing (its keys for the duplicated n-gram rules); numpy's cumulative sum of the word lengths gives
-    where each word starts, and an n-gram is one slice from the start of its first word to the end of its last.
+
+def _powers(base: int, n: int) -> np.ndarray:
+    """base**0 .. base**n modulo 2**64 (numpy's uint64 arithmetic wraps around, which is the modulo)."""
+    out = np.empty(n + 1, dtype=np.uint64)
+    out[0] = 1
+    out[1:] = base
+    return np.cumprod(out, dtype=np.uint64)
+
+
+class NGrams:
+    """A page's word n-grams as 64-bit hashes of their exact text: every n-gram of every n in a few numpy passes.
+
+    datatrove compares n-grams as strings: the words joined with a space (top n-gram rules) or with nothing
+    (duplicated n-gram rules). Here each joined string gets a polynomial prefix hash over its characters,
+    sum of c_k * B**k modulo 2**64, so the hash of any substring (an n-gram: from the start of its first word
+    to the end of its last) is one subtraction and one multiplication, for all n-grams at once. Two n-grams
+    are taken as equal when their hash and length are: a false match needs a 64-bit collision.
     """
 
     def __init__(self, words: list[str]):
         self.n_words = len(words)
         lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        self._joined = {" ": " ".join(words), "": "".join(words)}
-        self._starts = {
-            " ": np.concatenate(([0], np.cumsum(lengths + 1))),
-            "": np.concatenate(([0], np.cumsum(lengths))),
-        }
+        self._tables = {}
+        for sep in (" ", ""):
+            text = sep.join(words)
+            codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
+            prefix = np.zeros(len(codes) + 1, dtype=np.uint64)
+            np.cumsum((codes + np.uint64(1)) * _powers(_BASE, len(codes))[:-1], out=prefix[1:])
+            starts = np.concatenate(([0], np.cumsum(lengths + len(sep))))
+            self._tables[sep] = (prefix, _powers(_BASE_INV, len(codes)), starts)
 
-    def grams(self, n: int, sep: str) -> list[str]:
-        """The n-grams in order, words joined with ``sep`` ("" or " ")."""
+    def hashes(self, n: int, sep: str) -> tuple[np.ndarray, np.ndarray]:
+        """(hash, length) of every n-gram in order, words joined with ``sep`` ("" or " ")."""
         count = self.n_words - n + 1
         if count <= 0:
-            return []
-        starts = self._starts[sep]
-        first, end = starts[:count].tolist(), (starts[n : n + count] - len(sep)).tolist()
-        return list(map(self._joined[sep].__getitem__, map(slice, first, end)))
+            return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+        prefix, inverse, starts = self._tables[sep]
+        first, end = starts[:count], starts[n : n + count] - len(sep)
+        h = (prefix[end] - prefix[first]) * inverse[first]
+        return h ^ (end - first).astype(np.uint64) * np.uint64(0xD6E8FEB86659FD93), end - first
 
 
 def top_ngram_chars(grams: NGrams, n: int) -> int:
     """Characters covered by the most frequent n-gram (its length times its count; the first one met wins a tie)."""
-    ngrams = grams.grams(n, " ")
-    if not ngrams:
+    h, length = grams.hashes(n, " ")
+    if len(h) == 0:
         return 0
-    gram, count = Counter(ngrams).most_common(1)[0]
-    return len(gram) * count
+    _, first, counts = np.unique(h, return_index=True, return_counts=True)
+    best = counts.max()
+    winner = first[counts == best].min()  # Counter.most_common(1): the first n-gram seen among the most frequent
+    return int(length[winner]) * int(best)
 
 
 def duplicated_ngram_chars(grams: NGrams, n: int) -> int:
     """Characters of the n-grams that repeat an earlier one, scanning left to right and jumping past each repeat.
 
-    The scan is sequential (a jump decides what is seen next), but most pages have no repeated n-gram at
-    all: a set of all n-grams the size of the list says so in one pass, and the loop runs only otherwise.
+    The scan is sequential (a jump decides what is seen next), but up to the first repeated n-gram nothing
+    jumps: numpy finds that position, and the Python loop starts there (most pages have none at all).
     """
-    ngrams = grams.grams(n, "")
-    if len(set(ngrams)) == len(ngrams):
+    h, length = grams.hashes(n, "")
+    if len(h) == 0:
         return 0
-    seen: set[str] = set()
-    repeated = i = 0
-    while i < len(ngrams):
-        gram = ngrams[i]
-        if gram in seen:
-            repeated += len(gram)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    repeats = np.flatnonzero(first[inverse] < np.arange(len(h)))
+    if len(repeats) == 0:
+        return 0
+    start = int(repeats[0])
+    keys, sizes = h.tolist(), length.tolist()
+    seen = set(keys[:start])
+    repeated, i = 0, start
+    while i < len(keys):
+        if keys[i] in seen:
+            repeated += sizes[i]
             i += n
         else:
-            seen.add(gram)
+            seen.add(keys[i])
             i += 1
     return repeated
 
