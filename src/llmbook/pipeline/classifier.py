@@ -43,7 +43,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from itertools import chain
+from itertools import chain, pairwise
 from pathlib import Path
 
 import numpy as np
@@ -322,13 +322,15 @@ class HashedNgramClassifier:
         if self.E is None:
             raise ValueError("this classifier is not trained: call fit(texts, labels) or HashedNgramClassifier.load")
 
-    def decision_function(self, texts: Sequence[str], chunk: int = 2048) -> np.ndarray:
+    def decision_function(self, texts: Sequence[str], chunk_chars: int = 250_000) -> np.ndarray:
         """The logits (N, K), computed from the score table ``S = E W`` one distinct word at a time.
 
         A document's logits are ``mean_f S[f] + b``; its word-level features
         (unigram + char n-grams) are summed once per distinct word of the
         chunk, then per token, so a word seen 1,000 times costs one lookup of
         its n-grams. Equal to ``softmax(mean_f E[f] W + b)`` up to float rounding.
+        A chunk holds about ``chunk_chars`` characters (a few thousand pages, or
+        tens of thousands of lines), which bounds the memory.
         """
         self._check_trained()
         if self._scores is None:
@@ -337,8 +339,12 @@ class HashedNgramClassifier:
         S, K = self._scores, len(self.classes_)
         texts = list(texts)
         out = np.empty((len(texts), K), dtype=np.float64)
-        for lo in range(0, len(texts), chunk):
-            part = texts[lo : lo + chunk]
+        ends = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
+        cuts = np.searchsorted(ends, np.arange(chunk_chars, ends[-1] if len(ends) else 0, chunk_chars), side="right")
+        for lo, hi in pairwise([0, *np.unique(cuts).tolist(), len(texts)]):
+            if hi <= lo:
+                continue
+            part = texts[lo:hi]
             words, ids, lengths = tokenize(part)
             hashes, flat, offsets = self.features.word_features(words)
             per_word = np.diff(offsets)
