@@ -1,8 +1,9 @@
 """A fastText-style text classifier from scratch, and the "quality" filter it makes.
 
 fastText (Joulin et al. 2017, "Bag of Tricks for Efficient Text
-Classification") is the classifier web-scale pipelines run on billions of
-pages, because it is a linear model over a bag of n-grams:
+Classification") is the classifier web-scale pipelines can afford on billions
+of pages (DCLM's quality filter is one), because it is a linear model over a
+bag of n-grams:
 
 1. **Features.** A document is its words, word bigrams and (optionally) the
    character n-grams of each word (``"<the>"`` gives ``<th``, ``the``, ``he>``
@@ -18,7 +19,8 @@ pages, because it is a linear model over a bag of n-grams:
 Because everything after the lookup is linear, a trained model collapses to a
 table of per-bucket class scores ``S = E W`` (B x K): a document's logits are
 the mean of its features' rows of ``S`` plus ``b``. ``predict_proba`` uses that
-and sums per distinct word, so 100K documents take seconds on one core.
+and sums per distinct word: 100K pages of 350 words in about 20 s on one core
+(measured on the book's shared two-core machine).
 
 The hash must be stable: Python's ``hash(str)`` is salted per process, so a
 model saved by one process would read different buckets in the next. Here a
@@ -329,8 +331,8 @@ class HashedNgramClassifier:
         (unigram + char n-grams) are summed once per distinct word of the
         chunk, then per token, so a word seen 1,000 times costs one lookup of
         its n-grams. Equal to ``softmax(mean_f E[f] W + b)`` up to float rounding.
-        A chunk holds about ``chunk_chars`` characters (a few thousand pages, or
-        tens of thousands of lines), which bounds the memory.
+        A chunk holds about ``chunk_chars`` characters (a hundred pages, or a
+        few thousand lines), which bounds the memory.
         """
         self._check_trained()
         if self._scores is None:
