@@ -153,7 +153,7 @@ def test_write_corpus_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"n_docs": 0}, {"spam": 1.5}, {"near_dup": 0.6, "exact_dup": 0.5},
-                                 {"min_words": 700, "max_words": 600}])
+                                 {"min_words": 700, "max_words": 600}, {"pii": "0.1"}, {"seed": 1.5}])
 def test_bad_config_is_one_clear_error(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"n_docs|share|sum|min_words|whole number"):
         CorpusConfig(**bad)

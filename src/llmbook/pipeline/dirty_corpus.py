@@ -130,7 +130,9 @@ class CorpusConfig:
             raise ValueError(f"n_docs must be a positive integer, got {self.n_docs!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "float" and not (0.0 <= value <= 1.0):
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"CorpusConfig.{f.name} is a whole number, got {value!r}")
+            if f.type == "float" and (not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0):
                 raise ValueError(f"CorpusConfig.{f.name} is a share in [0, 1], got {value!r}")
         if sum(getattr(self, k) for k in KINDS) >= 1.0:
             raise ValueError("the shares of exact_dup, near_dup, spam, gibberish, short, foreign, lorem sum to >= 1")
