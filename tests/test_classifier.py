@@ -74,6 +74,9 @@ def test_features_of_a_short_text():
     for i in range(len(bags)):
         assert bags[i][1].sum() == pytest.approx(1.0)
     assert featurize([""], f).offsets.tolist() == [0, 0]
+    texts = [*toy(20)[0], "", "x y z"]
+    small, whole = featurize(texts, f, chunk=3), featurize(texts, f)  # chunking bounds memory, changes nothing
+    assert all(np.array_equal(getattr(small, k), getattr(whole, k)) for k in ("buckets", "weights", "offsets"))
 
 
 def test_buckets_are_stable_across_processes():

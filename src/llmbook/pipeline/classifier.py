@@ -204,8 +204,22 @@ class Bags:
         return self.buckets[lo:hi], self.weights[lo:hi]
 
 
-def featurize(texts: Sequence[str], features: HashedNgrams) -> Bags:
-    """Every text as the buckets of its words, word n-grams and char n-grams (what training reads)."""
+def featurize(texts: Sequence[str], features: HashedNgrams, chunk: int = 512) -> Bags:
+    """Every text as the buckets of its words, word n-grams and char n-grams (what training reads).
+
+    ``chunk`` texts at a time, so the temporary arrays (every feature
+    occurrence of the chunk) stay a few tens of MB whatever the corpus size.
+    """
+    texts = list(texts)
+    parts = [_featurize(texts[lo : lo + chunk], features) for lo in range(0, len(texts), chunk)]
+    if not parts:
+        return Bags(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(1, np.int64))
+    starts = np.cumsum([0] + [len(p.buckets) for p in parts[:-1]])
+    offsets = np.concatenate([[0]] + [p.offsets[1:] + start for p, start in zip(parts, starts, strict=True)])
+    return Bags(np.concatenate([p.buckets for p in parts]), np.concatenate([p.weights for p in parts]), offsets)
+
+
+def _featurize(texts: list[str], features: HashedNgrams) -> Bags:
     words, ids, lengths = tokenize(texts)
     hashes, flat, offsets = features.word_features(words)
     per_word = np.diff(offsets)
