@@ -26,8 +26,9 @@ whose answers are known. How it is made (what the chapter says):
    ``PROBLEMS``). A page's *kind* is drawn first: clean text, or an exact
    duplicate, a near duplicate, spam, gibberish, a short page, foreign text,
    lorem ipsum. A page with a clean body may then get, independently, PII,
-   offensive lines, runs of repeated characters, boilerplate (a site's
-   navigation, cookie banner and footer, or Project Gutenberg's real header
+   offensive lines, runs of repeated characters, boilerplate (the navigation,
+   cookie banner and footer of one of ten sites, which take turns so that
+   each site's lines recur on many pages; or Project Gutenberg's real header
    and license), or arrive as an HTML page. Duplicates come after their
    original, name it in ``dup_of``, and an exact duplicate inherits its
    original's labels. A near duplicate edits words and sentences of a clean
@@ -403,9 +404,9 @@ def _site_lines(rng: random.Random, site: tuple[str, list[str]]) -> tuple[list[s
         _FOOTER[_SITES.index(site) % len(_FOOTER)],
         f"© {year} {name}. All rights reserved.",
     ]
-    # a page shows most, not always all, of the site's template
-    header = [ln for ln in header if rng.random() < 0.85] or header[:1]
-    footer = [ln for ln in footer if rng.random() < 0.85] or footer[-1:]
+    # every page shows the menu, the cookie banner and the copyright; the other lines nine pages in ten
+    header = [ln for i, ln in enumerate(header) if i != 1 or rng.random() < 0.9]
+    footer = [ln for i, ln in enumerate(footer) if i == 2 or rng.random() < 0.9]
     return header, footer
 
 
@@ -895,6 +896,7 @@ def make_corpus(cfg: CorpusConfig | None = None) -> list[Document]:
     docs: list[Document] = []
     clean_ids: list[int] = []  # clean text pages: originals of near duplicates
     body_ids: list[int] = []  # pages with a clean body in text format: originals of exact duplicates
+    site_cycle: list[tuple[str, list[str]]] = []  # the sites whose boilerplate the next pages get
     width = max(7, len(str(cfg.n_docs - 1)))
     for i in range(cfg.n_docs):
         doc_id = f"doc{i:0{width}d}"
@@ -966,7 +968,9 @@ def make_corpus(cfg: CorpusConfig | None = None) -> list[Document]:
                 lines = [ln.strip() for ln in f"{head}\n{foot}".split("\n") if ln.strip()]
                 meta["boilerplate_kind"] = "gutenberg"
             else:
-                header, footer = _site_lines(rng, rng.choice(_SITES))
+                if not site_cycle:  # the sites take turns, so each site's lines repeat on as many pages
+                    site_cycle = rng.sample(_SITES, len(_SITES))
+                header, footer = _site_lines(rng, site_cycle.pop())
                 paragraphs = [header, *paragraphs, footer]
                 lines = header + footer
                 meta["boilerplate_kind"] = "site"
