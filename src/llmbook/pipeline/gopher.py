@@ -270,7 +270,8 @@ def compare_with_datatrove(docs: Iterable, exact: bool = False, max_examples: in
     For each filter ("gopher_quality", "gopher_repetition", "c4_quality"): ``n`` documents, ``agree``
     (same keep/drop), ``agree_reason`` (same rule named too), ``agree_text`` (C4: same kept text as well),
     the seconds and documents/s of each side, and up to ``max_examples`` disagreements (id, both reasons,
-    the start of the text). ``exact=True`` gives this chapter's filters datatrove's own spaCy word splitter
+    the start of the text); times are CPU seconds of this process (a shared machine's load does not
+    count). ``exact=True`` gives this chapter's filters datatrove's own spaCy word splitter
     and sentence counter: every count must then agree (the rules are the same); the default compares the
     fast regex splitter, and its disagreements are the cost of not running spaCy.
     """
@@ -294,13 +295,13 @@ def compare_with_datatrove(docs: Iterable, exact: bool = False, max_examples: in
     docs = list(docs)
     report: dict = {}
     for name, mine in ours.items():
-        start = time.perf_counter()
+        start = time.process_time()
         our_out = [mine.clean(d.text) if name == "c4_quality" else (d.text, mine.reason(d.text)) for d in docs]
-        our_s = time.perf_counter() - start
+        our_s = time.process_time() - start
         their_docs = [DatatroveDocument(text=d.text, id=str(d.id)) for d in docs]
-        start = time.perf_counter()
+        start = time.process_time()
         their_reasons = [_datatrove_reason(theirs[name].filter(d)) for d in their_docs]
-        their_s = time.perf_counter() - start
+        their_s = time.process_time() - start
         row = {"n": len(docs), "agree": 0, "agree_reason": 0, "agree_text": 0, "examples": []}
         for doc, (text, why), their_why, their_doc in zip(docs, our_out, their_reasons, their_docs, strict=True):
             same = (why is None) == (their_why is None)
