@@ -6,7 +6,7 @@ import pytest
 
 from llmbook.pipeline.dirty_corpus import CorpusConfig, make_corpus
 from llmbook.pipeline.document import Document
-from llmbook.pipeline.html import HtmlExtract, extraction_agreement, html_to_text, word_f1
+from llmbook.pipeline.html import HtmlExtract, extraction_agreement, html_to_text, word_f1, word_scores
 from llmbook.pipeline.text import words
 
 PAGE = """<!DOCTYPE html><html><head><title>A title</title><style>p { color: red; }</style>
@@ -65,6 +65,8 @@ def test_word_f1():
     assert word_f1("a b c", "a b c") == 1.0
     assert word_f1("", "") == 1.0 and word_f1("x", "a b") == 0.0
     assert word_f1("a b", "a b c d") == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert word_scores("a b x y", "a b c d") == (0.5, 0.5, 0.5)
+    assert word_scores("", "a") == (1.0, 0.0, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +84,12 @@ def test_corpus_pages_with_semantic_markup_extract_exactly(pages):
 def test_agreement_with_trafilatura_runs_and_is_measured(pages):
     result = extraction_agreement(pages[:25])
     assert result["pages"] == 25
-    for key in ("ours_f1", "trafilatura_f1", "ours_vs_trafilatura_f1", "ours_exact", "trafilatura_exact"):
-        assert 0.0 <= result[key] <= 1.0
+    for name in ("ours", "trafilatura"):
+        for what in ("f1", "precision", "recall", "exact"):
+            assert 0.0 <= result[f"{name}_{what}"] <= 1.0
+        assert result[f"{name}_seconds"] > 0
+    assert 0.0 <= result["ours_vs_trafilatura_f1"] <= 1.0
+    assert result["ours_recall"] == 1.0  # the rules never drop main text on these pages; boilerplate may stay
     assert result["ours_f1"] > 0.8 and result["trafilatura_f1"] > 0.6
     assert extraction_agreement(pages[:3], favor_recall=True)["pages"] == 3
     with pytest.raises(ValueError, match="at least one"):

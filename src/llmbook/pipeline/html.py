@@ -175,6 +175,18 @@ class HtmlExtract(Stage):
         return out, (None if text.strip() else f"{self.name}:empty")
 
 
+def word_scores(predicted: str, reference: str) -> tuple[float, float, float]:
+    """Bag-of-words (precision, recall, F1) of an extraction against the true text; see ``word_f1``."""
+    p, r = Counter(words(predicted)), Counter(words(reference))
+    if not p and not r:
+        return 1.0, 1.0, 1.0
+    overlap = sum((p & r).values())
+    if overlap == 0:
+        return (0.0 if p else 1.0), (0.0 if r else 1.0), 0.0
+    precision, recall = overlap / sum(p.values()), overlap / sum(r.values())
+    return precision, recall, 2 * precision * recall / (precision + recall)
+
+
 def word_f1(predicted: str, reference: str) -> float:
     """Bag-of-words F1 of an extraction against the true text (words as ``text.words``; 1.0 when both are empty).
 
@@ -182,52 +194,46 @@ def word_f1(predicted: str, reference: str) -> float:
     extraction benchmark): it forgives changed whitespace and order, and
     punishes both lost main text (recall) and kept boilerplate (precision).
     """
-    p, r = Counter(words(predicted)), Counter(words(reference))
-    if not p and not r:
-        return 1.0
-    overlap = sum((p & r).values())
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / sum(p.values()), overlap / sum(r.values())
-    return 2 * precision * recall / (precision + recall)
+    return word_scores(predicted, reference)[2]
 
 
 def extraction_agreement(pages: list[tuple[str, str]], favor_recall: bool = False) -> dict:
     """Ours and trafilatura's extraction of each ``(html, main_text)`` page, scored against the main text.
 
-    Returns the mean word F1 of each against the truth, their mean F1 against
-    each other, the share of pages each extracted exactly (the same words as
-    the truth), and the seconds each took. ``favor_recall`` is trafilatura's
-    switch for keeping more text when in doubt (its default favours neither).
+    Returns, averaged over the pages, each extractor's word precision (how much
+    of its output is main text), recall (how much of the main text it kept) and
+    F1 against the truth, the F1 of the two against each other, the share of
+    pages each extracted exactly (the same words as the truth), and the seconds
+    each took. ``favor_recall`` is trafilatura's switch for keeping more text
+    when in doubt (its default favours neither).
     """
     import trafilatura  # imported here: only this measurement needs it
 
     if not pages:
         raise ValueError("extraction_agreement needs at least one (html, main_text) page")
-    f1_ours, f1_traf, f1_both, exact_ours, exact_traf = [], [], [], 0, 0
-    t_ours = t_traf = 0.0
+    sums = Counter()
     for html, main in pages:
         t0 = time.perf_counter()
         ours = html_to_text(html)
         t1 = time.perf_counter()
         traf = trafilatura.extract(html, include_comments=False, favor_recall=favor_recall) or ""
         t2 = time.perf_counter()
-        t_ours += t1 - t0
-        t_traf += t2 - t1
+        sums["ours_seconds"] += t1 - t0
+        sums["trafilatura_seconds"] += t2 - t1
         truth = words(main)
-        f1_ours.append(word_f1(ours, main))
-        f1_traf.append(word_f1(traf, main))
-        f1_both.append(word_f1(ours, traf))
-        exact_ours += words(ours) == truth
-        exact_traf += words(traf) == truth
+        for name, out in (("ours", ours), ("trafilatura", traf)):
+            p, r, f1 = word_scores(out, main)
+            sums[f"{name}_precision"] += p
+            sums[f"{name}_recall"] += r
+            sums[f"{name}_f1"] += f1
+            sums[f"{name}_exact"] += words(out) == truth
+        sums["ours_vs_trafilatura_f1"] += word_f1(ours, traf)
     n = len(pages)
-    return {
-        "pages": n,
-        "ours_f1": sum(f1_ours) / n,
-        "trafilatura_f1": sum(f1_traf) / n,
-        "ours_vs_trafilatura_f1": sum(f1_both) / n,
-        "ours_exact": exact_ours / n,
-        "trafilatura_exact": exact_traf / n,
-        "ours_seconds": t_ours,
-        "trafilatura_seconds": t_traf,
-    }
+    result: dict = {"pages": n}
+    for name in ("ours", "trafilatura"):
+        for what in ("f1", "precision", "recall", "exact"):
+            result[f"{name}_{what}"] = sums[f"{name}_{what}"] / n
+    result["ours_vs_trafilatura_f1"] = sums["ours_vs_trafilatura_f1"] / n
+    result["ours_seconds"] = sums["ours_seconds"]
+    result["trafilatura_seconds"] = sums["trafilatura_seconds"]
+    return result
