@@ -75,6 +75,9 @@ _PRONOUNS = (
 )
 _PRONOUN = "|".join(f"[{w[0]}{w[0].upper()}]{w[1:]}" for w in _PRONOUNS.split())
 _CLITIC = r"(?:d|ll|m|re|ve)(?![^\W_])"
+# ... and "n't" off these only (spaCy's exceptions: "don't" -> "do" "n't", but Shakespeare's "an't" stays whole)
+_NT_BASES = "ai are ca could dare did do does had has have is may might must need ought sha should was were wo would"
+_NT_BASE = "|".join(f"[{w[0]}{w[0].upper()}]{w[1:]}" for w in _NT_BASES.split())
 # "--" splits a chunk only between a letter or digit and a letter ("word--word"); anywhere else spaCy leaves
 # the chunk whole ("Lizzy!--", "said,--\"no"), as Project Gutenberg's dashes often are.
 _GLUED_DASHES = r"(?:(?<![^\W_-])-{2,}+|(?<!-)-{2,}+(?![^\W\d_]))"
@@ -96,15 +99,16 @@ _TOKEN = re.compile(
     | (?<![^\W_])(?:[cC]an(?=not)|gon(?=na)|got(?=ta))(?=[^\W_]{{2,3}}(?![^\W_]))  # "can" of "cannot", "gon" of "gonna"
     | (?<![^\W_.])(?:[^\W\d_]\.){{2,}}(?![^\W_])          # U.S. e.g. i.e. a.m.
     | (?<![^\W_.])(?:[A-Z]|[a-z])\.(?![^\W_.])           # a single letter with its period: "J." (spaCy: "J.")
-    | \d+(?:[.,:/-]\d+)+                                 # 3.5  1,000  9:30  1/2  3-4
-    | [^\W_]+(?=[nN]['’][tT](?![^\W_]))                  # "do" of "don't", "ca" of "can't"
+    | \d+(?:[.,:/]\d+)+                                 # 3.5  1,000  9:30  1/2 (but 3 - 4: spaCy splits)
+    | (?<![^\W_])(?:{_NT_BASE})(?=[nN]['’][tT](?![^\W_]))  # "do" of "don't", "ca" of "can't" (not "an't")
+    | (?<![^\W_])['’]em(?![^\W_])                        # 'em
     | [nN]['’][tT](?![^\W_])                             # "n't"
     | (?<=[^\W_])['’][sS](?![^\W_])                     # 's after any word
     | (?<![^\W_])(?:{_PRONOUN})(?=['’]{_CLITIC})          # "we" of "we'll", "I" of "I'm"
     | (?<=[^\W_])['’]{_CLITIC}                           # 'd 'll 'm 're 've after those
     | @[^\W_]+                                           # @handle
     | @[-.,]@ | \|\w+\|                                   # WikiText's @-@ and @,@; |endoftext|
-    | (?:(?<!\S)-)?[^\W_]+(?:(?:_+|['’](?![sS](?![^\W_]))|\.(?=[a-z\d])|-(?=\d)|[;@|])[^\W_]+)*(?:-(?!\S))?
+    | (?:(?<!\S)-)?[^\W_]+(?:(?:_+|['’](?![sS](?![^\W_]))|\.(?=[a-z\d])|(?<=[^\W\d_])-(?=\d)|[;@|])[^\W_]+)*(?:-(?!\S))?
                                                          # a word: a_b O'Neil example.com covid-19 -born users-
     | \.{{2,}} | -{{2,}} | ~+                             # ... -- ~~~ stay one token
     | [^\w\s]                                            # any other symbol is a token of its own
