@@ -17,7 +17,7 @@ whose answers are known. How it is made (what the chapter says):
    to six to a paragraph. Two recombined pages share a sentence now and then
    but almost never a run of them, so unrelated clean pages have a low 5-gram
    Jaccard similarity: with seed 0, the most similar pair of clean pages has
-   0.18 among 10 K documents and 0.24 among 100 K (no pair reaches 0.3).
+   0.18 among 10 K documents and 0.23 among 100 K (no pair reaches 0.3).
    A line that repeats one already written anywhere in the corpus (a
    Shakespeare "My lord?", an instruction repeated in the data) is merged
    into the next line, so no two clean pages share a line and line-level
