@@ -20,6 +20,7 @@ as its words joined without spaces and the scan jumps past it (so overlapping re
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,36 +95,45 @@ def top_ngram_chars(grams: NGrams, n: int) -> int:
     h, length = grams.hashes(n, " ")
     if len(h) == 0:
         return 0
-    _, first, counts = np.unique(h, return_index=True, return_counts=True)
-    best = counts.max()
-    winner = first[counts == best].min()  # Counter.most_common(1): the first n-gram seen among the most frequent
-    return int(length[winner]) * int(best)
+    keys = h.tolist()
+    key, count = Counter(keys).most_common(1)[0]  # as datatrove: insertion order breaks a tie
+    return int(length[keys.index(key)]) * count
 
 
 def duplicated_ngram_chars(grams: NGrams, n: int) -> int:
     """Characters of the n-grams that repeat an earlier one, scanning left to right and jumping past each repeat.
 
-    The scan is sequential (a jump decides what is seen next), but up to the first repeated n-gram nothing
-    jumps: numpy finds that position, and the Python loop starts there (most pages have none at all).
+    datatrove's scan visits every position; one that repeats a *seen* n-gram counts and makes the scan jump
+    n positions (the n-grams jumped over are never seen). Only a position whose n-gram occurred before can
+    count, so this visits just those (numpy finds them): such a position repeats a seen n-gram when the
+    n-gram's first occurrence was not jumped over, or an earlier visited occurrence was added to the seen set.
     """
     h, length = grams.hashes(n, "")
-    if len(h) == 0:
+    if len(set(h.tolist())) == len(h):  # no n-gram occurs twice (most pages): nothing to scan
         return 0
     _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
-    repeats = np.flatnonzero(first[inverse] < np.arange(len(h)))
-    if len(repeats) == 0:
+    first_at = first[inverse]
+    candidates = np.flatnonzero(first_at < np.arange(len(h)))
+    if len(candidates) == 0:
         return 0
-    start = int(repeats[0])
-    keys, sizes = h.tolist(), length.tolist()
-    seen = set(keys[:start])
-    repeated, i = 0, start
-    while i < len(keys):
-        if keys[i] in seen:
-            repeated += sizes[i]
-            i += n
+    jumped = bytearray(len(h))
+    seen_later: set[int] = set()
+    repeated = resume = 0
+    for c, key, f, size in zip(
+        candidates.tolist(),
+        h[candidates].tolist(),
+        first_at[candidates].tolist(),
+        length[candidates].tolist(),
+        strict=True,
+    ):
+        if c < resume:
+            continue  # jumped over
+        if not jumped[f] or key in seen_later:
+            repeated += size
+            jumped[c + 1 : c + n] = b"\x01" * (n - 1)
+            resume = c + n
         else:
-            seen.add(keys[i])
-            i += 1
+            seen_later.add(key)
     return repeated
 
 
