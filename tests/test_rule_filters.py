@@ -246,7 +246,9 @@ def test_identical_to_datatrove_with_its_words(corpus):
 
 # With the fast regex splitter the words differ from spaCy's on raw HTML markup, Chinese (spaCy keeps a
 # run of characters between spaces whole), symbol gibberish and a few of spaCy's special cases. Measured
-# on 1,000 corpus pages (seed 0): quality 99.2%, repetition 96.5%, C4 100% same keep/drop. Stated floors:
+# on 2,000 corpus pages (seed 0): quality 99.7%, repetition 97.6%, C4 100% same keep/drop; on its 1,823
+# English plain-text pages (what the rules see after HTML extraction and language identification):
+# 100%, 99.95% (one gibberish page), 100%. Stated floors for this small corpus:
 FAST_AGREEMENT = {"gopher_quality": 0.97, "gopher_repetition": 0.93, "c4_quality": 0.99}
 
 

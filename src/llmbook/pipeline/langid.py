@@ -33,7 +33,7 @@ from llmbook.pipeline.stage import Decision, Filter
 DEFAULT_LANGUAGES: tuple[str, ...] = ("en", "fr", "de", "es", "it", "nl", "pt", "ru", "el", "zh")
 FINEWEB_THRESHOLD = 0.65  # FineWeb keeps a page with fastText English score >= 0.65 (Penedo et al. 2024)
 MAX_CHARS = 1000  # the n-gram classifier reads a page's first 1,000 characters: enough to tell a language
-LINGUA_MAX_CHARS = 300  # lingua reads 300: ~1,400 pages/s instead of ~450 at 1,000 (measured, 10 languages)
+LINGUA_MAX_CHARS = 300  # lingua reads 300: 3x the pages/s of 1,000 (measured 1,381 vs 447, 10 languages)
 
 
 class LinguaLangID:
