@@ -1,11 +1,13 @@
-"""Foreign-language sample text for the dirty corpus: a few hundred words per language, public domain.
+"""Foreign-language sample text for the dirty corpus: a few hundred words per language.
 
-A web crawl is mostly not English: FineWeb's English subset is what is left
-after a language filter threw away most of Common Crawl. To measure a language
-filter, the book's dirty corpus needs pages in other languages and scripts, and
-the book's data has none, so they live here: the opening articles of the
-Universal Declaration of Human Rights (United Nations, 1948), whose official
-translations the UN places in the public domain, in French, German, Spanish
+A web crawl is written in many languages and scripts, and a pipeline for an
+English model keeps the pages its language identifier calls English (FineWeb
+with fastText, C4 with langdetect). To measure a language filter, the book's
+dirty corpus needs pages in other languages, and the book's data has none, so
+they live here: sentences in the manner of the opening articles of the
+Universal Declaration of Human Rights (United Nations, 1948), written down for
+this book rather than copied from the official translations (what matters
+here is only which language each sentence is in), in French, German, Spanish
 (Latin script, close to English in letters, the hard case for a character
 n-gram model) and Greek, Russian and Chinese (other scripts, the easy case).
 The corpus recombines these sentences into new pages, so two foreign pages
