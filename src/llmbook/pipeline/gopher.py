@@ -91,7 +91,7 @@ _TOKEN = re.compile(
       (?<![^\s"“‘(\[])(?!https?:|[cC]annot|gonna|gotta)[^\W_]++(?=[,;:!?)"”\]]*+(?:\s|$))
                                                          # fast path: a plain word, alone in its chunk ...
     | (?<![^\s"“‘(\[])(?!(?:{_ABBREVIATION}|[^\W\d_])\.)[^\W_]++(?=\.(?:\s|$))  # ... or before a full stop
-    | [,;!?()\[\]"“”] | \.(?=\s|$)                       # punctuation that is always a token of its own
+    | [,;:!?()\[\]"“”%&*/=+#$<>] | \.(?=\s|$)                       # punctuation that is always a token of its own
     | https?://\S+?(?=[.,;:!?)\]"'>]*(?:\s|$))           # a URL, without the punctuation after it
     | [\w.+-]++@\w[\w-]*(?:\.\w[\w-]*)+                  # an e-mail address
     | (?<![^\s"“‘'(\[])(?!["“‘'(\[])(?=[^\s-]*+-)\S*?{_GLUED_DASHES}\S*?(?=[,.!?;:"”’')\]]*(?:\s|$))  # ask?--  "--and
