@@ -13,9 +13,10 @@ Copies also hide *inside* pages: every page of a site carries its navigation
 bar, cookie banner and footer. CCNet (Wenzek et al. 2020) removes paragraphs
 that repeat across the pages of a crawl shard, Dolma (Soldaini et al. 2024)
 removes repeated paragraphs with a Bloom filter, and RefinedWeb (Penedo et
-al. 2023) removes repeated spans and boilerplate lines before its MinHash
-pass. ``LineDedup`` is that idea at its simplest: a line found in at least
-``min_docs`` documents is the site's template, not anybody's text.
+al. 2023) corrects pages line by line and removes repeated spans with a
+suffix array (Lee et al.'s ExactSubstr). ``LineDedup`` is the idea at its
+simplest: a line found in at least ``min_docs`` documents is the site's
+template, not anybody's text.
 """
 
 from __future__ import annotations
