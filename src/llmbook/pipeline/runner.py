@@ -53,6 +53,7 @@ from pathlib import Path
 
 from llmbook.errors import RunError
 from llmbook.pipeline.document import Document, ReadStats, read_jsonl, write_jsonl
+from llmbook.pipeline.processes import pool_context
 from llmbook.pipeline.stage import Stage
 
 # name -> "module:Class", imported when a config names it (a stage's module may need heavy libraries)
@@ -236,6 +237,18 @@ def _default(target, param: str, params) -> object | None:
                 return f.default_factory()
     default = params[param].default
     return default if default is not inspect.Parameter.empty and dataclasses.is_dataclass(default) else None
+
+
+def _importable_name(name: str) -> str:
+    """The name a worker process can build the stage from: a stage added with ``register`` as "module:Class".
+
+    Workers start fresh (``processes.pool_context``), so they know the
+    registry's names but not what this process registered at run time.
+    """
+    if name in _REGISTERED:
+        cls = _REGISTERED[name]
+        return f"{cls.__module__}:{cls.__qualname__}"
+    return name
 
 
 def build_stage(name: str, options: dict) -> Stage:
@@ -651,7 +664,7 @@ def run(config: PipelineConfig | dict | str | Path, force: bool = False, workers
     paths, read_report = _split_input(cfg, out, progress)
     reports, steps = [read_report], []
     # a pool that raises BrokenProcessPool when a worker dies (multiprocessing.Pool would wait forever)
-    pool = ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else None
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=pool_context()) if cfg.workers > 1 else None
     try:
         for group in _segments(cfg.stages, built):
             first = cfg.stages[group[0]]
@@ -665,7 +678,7 @@ def run(config: PipelineConfig | dict | str | Path, force: bool = False, workers
             if built[group[0]].needs_fit:
                 _fit_stage(built[group[0]], labels[group[0]], paths, targets, folder, stage_reports[0], progress)
             else:
-                specs = [(cfg.stages[i].name, cfg.stages[i].options) for i in group]
+                specs = [(_importable_name(cfg.stages[i].name), cfg.stages[i].options) for i in group]
                 key = (run_id, group[0])
                 if pool is None:  # one process: the stages built above do the work (a worker builds its own)
                     _worker_stages[key] = [built[i] for i in group]

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmbook.pipeline.document import Document
+from llmbook.pipeline.processes import pool_context
 
 if TYPE_CHECKING:  # Chapter 3's tokenizer, Chapter 7's record and torch, imported where they are used
     from torch import Tensor
@@ -331,7 +332,8 @@ def write_shards(
             # at most 2 chunks per worker in flight, taken back in the order they were sent: bounded memory,
             # and the same shards for any number of workers
             # (a process pool that raises BrokenProcessPool if a worker is killed, where multiprocessing.Pool hangs)
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tok, engine)) as pool:
+            with ProcessPoolExecutor(workers, mp_context=pool_context(), initializer=_init_worker,
+                                     initargs=(tok, engine)) as pool:
                 in_flight: deque = deque()
                 for batch, splits in chunks():
                     in_flight.append((pool.submit(_encode_chunk, batch), splits))
