@@ -91,6 +91,8 @@ name = "html"
 [[stage]]
 name = "langid"
 [[stage]]
+name = "exact_dedup"         # before line_dedup: copies share all their lines, which would count as boilerplate
+[[stage]]
 name = "line_dedup"
 [[stage]]
 name = "repetition"
@@ -98,8 +100,7 @@ name = "repetition"
 name = "gopher"
 [[stage]]
 name = "c4"
-[[stage]]
-name = "exact_dedup"
+filter_no_terminal_punct = false  # verse and headings end without a period (Chapter 2 measures what it costs)
 [[stage]]
 name = "near_dedup"
 [[stage]]
