@@ -112,6 +112,7 @@ name = "pii"
 [[stage]]
 name = "tokenize"
 tokenizer = "gpt2"
+engine = "tiktoken"      # the same ids as the book's encoder (tests/test_shards.py compares the files), faster
 shard_tokens = 1000000
 val_fraction = 0.1
 """
