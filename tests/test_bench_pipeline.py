@@ -20,6 +20,7 @@ def test_quick_benchmark_writes_comparable_results(tmp_path):
     full = result["full"]
     ours, theirs = full["ours_1_worker"], full["datasketch"]
     assert ours["documents"] == theirs["documents"] == 1_500
-    # the same permutations and banding: the two find (nearly) the same planted pairs
-    assert abs(ours["recall_all"] - theirs["recall_all"]) < 0.05
-    assert ours["recall_jaccard_ge_0.9"] == 1.0
+    # the same banding: both find every close pair; below the S-curve's step each finds a random few (a tiny
+    # corpus has about 60 planted pairs there, so their shares differ by sampling noise)
+    assert ours["recall_jaccard_ge_0.9"] == theirs["recall_jaccard_ge_0.9"] == 1.0
+    assert abs(ours["recall_all"] - theirs["recall_all"]) < 0.2
