@@ -11,9 +11,11 @@ by many workers, copied, checksummed and read one at a time. Each shard is
 
 which is the layout of karpathy/llm.c's ``dev/data/data_common.py``
 (``write_datafile``: magic 20240520 / version 1 for uint16 tokens, 20240801 /
-version 7 for uint32), so llm.c's loaders could read these files too. The
-header makes a shard self-describing: a truncated copy or a file that is not a
-shard is caught by its size and magic before a single token is trained on.
+version 7 for uint32, then the count; llm.c leaves the fourth value at 0 and
+its loaders read only the first three), so llm.c's loaders could read these
+files too. The header makes a shard self-describing: a truncated copy or a
+file that is not a shard is caught by its size and magic before a single
+token is trained on.
 
 Every document starts with ``<|endoftext|>`` (as llm.c's ``fineweb.py`` does),
 so a window that spans two documents shows the model where one ends, and the
