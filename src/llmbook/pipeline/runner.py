@@ -33,7 +33,6 @@ refused rather than mixing two pipelines' files (``--force`` replaces the run).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import inspect
 import json
@@ -51,6 +50,7 @@ from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
 
+from llmbook import data
 from llmbook.errors import RunError
 from llmbook.pipeline.document import Document, ReadStats, read_jsonl, write_jsonl
 from llmbook.pipeline.processes import pool_context
@@ -334,17 +334,9 @@ class PipelineConfig:
     def identity(self) -> dict:
         """What decides the output (not where it goes, nor how many workers): a rerun must match it to resume."""
         source = {"corpus": self.corpus} if self.corpus is not None else {"input": str(self.input),
-                                                                          "sha256": _file_sha256(self.input)}
+                                                                          "sha256": data.sha256_of(self.input)}
         return {"source": source, "shard_docs": self.shard_docs,
                 "stages": [{"name": s.name, "options": s.options} for s in self.stages]}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_config(config: PipelineConfig | dict | str | Path) -> PipelineConfig:
