@@ -20,7 +20,6 @@ as its words joined without spaces and the scan jumps past it (so overlapping re
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,13 +90,19 @@ class NGrams:
 
 
 def top_ngram_chars(grams: NGrams, n: int) -> int:
-    """Characters covered by the most frequent n-gram (its length times its count; the first one met wins a tie)."""
+    """Characters covered by the most frequent n-gram (its length times its count; the first one met wins a tie).
+
+    datatrove takes ``Counter(ngrams).most_common(1)``, which breaks a tie by insertion order: of the n-grams
+    with the highest count, the one that occurs first. ``np.unique`` gives each distinct hash's count and
+    first position, so that is the smallest first position among the highest counts.
+    """
     h, length = grams.hashes(n, " ")
     if len(h) == 0:
         return 0
-    keys = h.tolist()
-    key, count = Counter(keys).most_common(1)[0]  # as datatrove: insertion order breaks a tie
-    return int(length[keys.index(key)]) * count
+    _, first, counts = np.unique(h, return_index=True, return_counts=True)
+    best = counts.max()
+    at = int(first[counts == best].min())
+    return int(length[at]) * int(best)
 
 
 def duplicated_ngram_chars(grams: NGrams, n: int) -> int:
@@ -109,7 +114,8 @@ def duplicated_ngram_chars(grams: NGrams, n: int) -> int:
     n-gram's first occurrence was not jumped over, or an earlier visited occurrence was added to the seen set.
     """
     h, length = grams.hashes(n, "")
-    if len(set(h.tolist())) == len(h):  # no n-gram occurs twice (most pages): nothing to scan
+    ordered = np.sort(h)
+    if not (ordered[1:] == ordered[:-1]).any():  # no n-gram occurs twice (most pages): nothing to scan
         return 0
     _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
     first_at = first[inverse]
