@@ -1,0 +1,446 @@
+"""An OpenAI-compatible HTTP API for the book's models: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+Speaking OpenAI's wire format means every tool written for it (the official
+``openai`` client, LangChain, lm-eval's ``local-completions``, curl scripts)
+works against a model of this book unchanged: point its ``base_url`` at
+``http://127.0.0.1:8000/v1``. vLLM, llama.cpp's server, Ollama and TGI all do
+the same.
+
+The pieces:
+
+- **Requests** are validated by pydantic models; whatever is wrong (a missing
+  field, a string where a number goes, a prompt longer than the context,
+  ``n > 1``) is a 400 with OpenAI's error body
+  ``{"error": {"message", "type", "param", "code"}}``, so clients raise their
+  usual ``BadRequestError`` with our message. An unknown model name is a 404.
+- **Generation** goes through the ``Engine`` (``engine.py``): one thread runs
+  the continuous-batching scheduler for all requests; each handler awaits its
+  own tokens on an ``asyncio.Queue``.
+- **Text** is decoded incrementally: a token is a run of bytes and a UTF-8
+  character may be split across two tokens, so an incremental decoder holds
+  the incomplete bytes back and every piece sent is whole characters. OpenAI's
+  ``stop`` strings are matched on the text; text that could be the start of a
+  stop string is held back until it is clear that it is not. Streamed pieces
+  therefore join to exactly the non-streamed text.
+- **Streaming** is server-sent events: ``data: {chunk json}\\n\\n`` per piece,
+  then ``data: [DONE]\\n\\n``. A client that disconnects is noticed (Starlette
+  cancels the response) and its request is cancelled in the scheduler, which
+  frees its batch slot for others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmbook.bpe.tokenizer import Tokenizer
+from llmbook.inference.engine import Engine, EngineError
+from llmbook.model import GPT
+from llmbook.posttrain.masking import encode_prompt
+from llmbook.posttrain.templates import ENDOFTEXT, Message, Template, get_template
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# ---------------------------------------------------------------------- request bodies
+
+
+class _Body(BaseModel):
+    """Fields both endpoints share; unknown fields (user, logit_bias...) are accepted and ignored, as vLLM does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)  # the chat API's newer name for max_tokens
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)  # OpenAI's default and range; 0 is greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
+    stream_options: dict[str, Any] | None = None
+    seed: StrictInt | None = None
+    n: StrictInt = 1
+
+
+class CompletionBody(_Body):
+    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: StrictStr | list[dict[str, Any]]
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------------- text out of tokens
+
+
+class StopStrings:
+    """OpenAI's ``stop``: text ends before the first stop string; text that might begin one is held back.
+
+    >>> s = StopStrings(["END"])
+    >>> s.feed("abcE"), s.feed("N"), s.feed("D more")
+    (('abc', False), ('', False), ('', True))
+    """
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """``(text that is safe to send, whether a stop string was found)``."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        hold = 0  # the longest end of `pending` that is the start of some stop string
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = k
+                    break
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        """What was held back, at the end of generation (it never became a stop string)."""
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Generation:
+    """One request's tokens turned into text pieces: ``async for piece in gen.pieces(): ...``.
+
+    After the loop, ``finish_reason`` is "stop" or "length" and
+    ``completion_tokens`` counts the tokens the model generated (an end token
+    included, as it was computed). If the loop is left early (a client that
+    disconnected) the request is cancelled in the engine.
+    """
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, prompt: list[int], max_tokens: int, temperature: float,
+                 top_p: float, seed: int | None, stop_ids: Sequence[int], stop: Sequence[str]):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.prompt_tokens = len(prompt)
+        self.stop_ids = set(stop_ids)
+        self.stop = StopStrings(stop)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        try:
+            self.request_id, self.queue = engine.submit(
+                prompt, max_tokens, temperature=temperature, top_p=None if top_p >= 1.0 else top_p,
+                stop_tokens=sorted(self.stop_ids), seed=seed)
+        except ValueError as exc:  # the scheduler's one-line reason (empty prompt, too long for the context)
+            raise APIError(400, str(exc).splitlines()[0]) from None
+
+    async def pieces(self) -> AsyncIterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds an unfinished character back
+        try:
+            while self.finish_reason is None:
+                event = await self.queue.get()
+                if isinstance(event, EngineError):
+                    self.finish_reason = "error"
+                    raise APIError(500, event.message, type="server_error")
+                if event.token is not None:
+                    self.completion_tokens += 1
+                    if event.token not in self.stop_ids:
+                        text, hit = self.stop.feed(decoder.decode(self.tokenizer.token_bytes(event.token)))
+                        if text:
+                            yield text
+                        if hit:
+                            self.finish_reason = "stop"
+                            self.engine.cancel(self.request_id)  # no more tokens needed: free the slot
+                            return
+                if event.finished:
+                    self.finish_reason = "length" if event.reason == "length" else "stop"
+            text, hit = self.stop.feed(decoder.decode(b"", final=True))  # an unfinished character becomes U+FFFD
+            text += "" if hit else self.stop.flush()
+            if text:
+                yield text
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the request if it has not finished (the client is gone); harmless after the end."""
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+            self.engine.cancel(self.request_id)
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+class _SSEResponse(StreamingResponse):
+    """A ``StreamingResponse`` that always closes its generator, so a disconnect cancels the request at once.
+
+    Starlette cancels the response when the client disconnects; if that
+    happens while the generator waits in ``send``, the generator would stay
+    suspended until garbage collection. Closing it runs its ``finally``.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# ---------------------------------------------------------------------- the app
+
+
+def create_app(engine_or_model: Engine | GPT, tokenizer: Tokenizer, model_name: str,
+               template: Template | str = "chatml", max_batch: int = 8) -> FastAPI:
+    """The FastAPI app serving ``engine_or_model`` as ``model_name``; run it with uvicorn.
+
+    Given a ``GPT``, the app builds an ``Engine`` over the ``ContinuousBatcher``
+    (``max_batch`` requests per step). The engine thread starts and stops with
+    the app (its lifespan). Chat requests are rendered with ``template``
+    ("chatml" by default, the template of the book's SFT); a tokenizer without
+    its special tokens serves completions only.
+    """
+    if isinstance(engine_or_model, Engine):
+        engine = engine_or_model
+    else:
+        engine = Engine.from_model(engine_or_model, max_batch=max_batch, vocab_size=tokenizer.vocab_size)
+    template = get_template(template) if isinstance(template, str) else template
+    context = engine.context_length
+    eot = tokenizer.special_tokens.get(ENDOFTEXT)
+    chat_ok = all(t in tokenizer.special_tokens for t in template.special_tokens)
+    chat_stops = [tokenizer.special_tokens[t] for t in dict.fromkeys([template.end_token, ENDOFTEXT])
+                  if t in tokenizer.special_tokens]
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        started_here = not engine.running
+        engine.start()
+        try:
+            yield
+        finally:
+            if started_here:
+                engine.stop()
+
+    app = FastAPI(title="llmbook OpenAI-compatible server", lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or None
+        if err.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON: {err.get('msg')}"
+        elif err.get("type") == "missing":
+            message = f"the field '{param}' is required"
+        else:
+            message = f"{param or 'the request body'}: {err.get('msg')} (got {err.get('input')!r})"
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind).response()
+
+    def check_common(body: _Body) -> None:
+        if body.model != model_name:
+            raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{model_name}'",
+                           type="not_found_error", param="model", code="model_not_found")
+        if body.n != 1:
+            raise APIError(400, f"n={body.n} is not supported: this server returns one choice per request (n=1); "
+                                "send several requests instead", param="n")
+
+    def check_length(prompt: list[int], max_tokens: int | None, default: int | None) -> int:
+        if not prompt:
+            raise APIError(400, "the prompt is empty: give at least one token of text", param="prompt")
+        room = context - len(prompt)
+        if room < 1:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens but the model's context holds {context}, "
+                                f"with at least one token left for the reply; shorten the prompt", param="prompt",
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            return min(default, room) if default is not None else room
+        if max_tokens > room:
+            raise APIError(400, f"max_tokens={max_tokens} is too large: the prompt has {len(prompt)} tokens and the "
+                                f"model's context holds {context}, so max_tokens can be at most {room}",
+                           param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def stops_of(body: _Body) -> list[str]:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4:
+            raise APIError(400, f"at most 4 stop strings (OpenAI's limit), got {len(stop)}", param="stop")
+        return stop
+
+    async def respond(body: _Body, request: Request, gen: Generation, kind: str):
+        """The JSON response, or the SSE stream, of one generation; ``kind`` is "text" or "chat"."""
+        rid = f"{'cmpl' if kind == 'text' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
+        now = int(time.time())
+        obj = "text_completion" if kind == "text" else "chat.completion"
+
+        def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
+            if kind == "text":
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+            out = {"id": rid, "object": obj if kind == "text" else "chat.completion.chunk", "created": now,
+                   "model": model_name, "choices": choices}
+            if usage is not None:
+                out["usage"] = usage
+            return out
+
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+            async def events() -> AsyncIterator[str]:
+                pieces = gen.pieces()
+                try:
+                    if kind == "chat":
+                        yield _sse(chunk([choice(None, None, first=True)]))
+                    async for text in pieces:
+                        yield _sse(chunk([choice(text, None)]))
+                    yield _sse(chunk([choice(None, gen.finish_reason)]))
+                    if include_usage:
+                        yield _sse(chunk([], gen.usage()))
+                except APIError as exc:  # headers are sent: the error goes in the stream, as OpenAI does
+                    yield _sse({"error": {"message": exc.message, "type": exc.type, "param": None, "code": None}})
+                finally:
+                    await pieces.aclose()
+                    gen.close()  # a disconnect lands here (even before the first token): the request is cancelled
+                yield _sse("[DONE]")
+
+            return _SSEResponse(events(), media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        text = await collect(gen, request)
+        if kind == "text":
+            choices = [{"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}]
+        else:
+            choices = [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                        "finish_reason": gen.finish_reason}]
+        return {"id": rid, "object": obj, "created": now, "model": model_name, "choices": choices,
+                "usage": gen.usage()}
+
+    async def collect(gen: Generation, request: Request) -> str:
+        """All the text of a non-streamed generation; cancelled if the client disconnects while it waits."""
+        parts: list[str] = []
+
+        async def run() -> None:
+            async for piece in gen.pieces():
+                parts.append(piece)
+
+        task = asyncio.ensure_future(run())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    raise APIError(499, "the client closed the request")
+            task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+            gen.close()
+        return "".join(parts)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "llmbook", "max_model_len": context}]}
+
+    @app.get("/v1/models/{name}")
+    async def model_info(name: str):
+        if name != model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
+                           type="not_found_error", param="model", code="model_not_found")
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "llmbook"}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        check_common(body)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, f"a list of {len(prompt)} prompts is not supported: send one prompt per "
+                                    "request", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = tokenizer.encode_ordinary(prompt)  # "<|endoftext|>" typed in a prompt is text, never the token
+        else:
+            bad = [i for i in prompt if not 0 <= i < tokenizer.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is not in the vocabulary (0..{tokenizer.vocab_size - 1})",
+                               param="prompt")
+            ids = list(prompt)
+        max_tokens = check_length(ids, body.max_tokens, DEFAULT_COMPLETION_TOKENS)
+        gen = Generation(engine, tokenizer, ids, max_tokens, body.temperature, body.top_p, body.seed,
+                         [eot] if eot is not None else [], stops_of(body))
+        return await respond(body, request, gen, "text")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: Request):
+        check_common(body)
+        if not chat_ok:
+            raise APIError(400, f"this model's tokenizer lacks the {template.name} template's special tokens "
+                                f"{template.special_tokens}: it was not fine-tuned for chat; use /v1/completions")
+        messages = []
+        for i, m in enumerate(body.messages):
+            content = m.content
+            if not isinstance(content, str):  # OpenAI's content parts: [{"type": "text", "text": ...}, ...]
+                if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in content):
+                    raise APIError(400, f"messages.{i}.content: only text parts are supported",
+                                   param=f"messages.{i}.content")
+                content = "".join(part["text"] for part in content)
+            messages.append(Message("system" if m.role == "developer" else m.role, content))
+        try:
+            # what a user typed is text, never markup: "<|im_end|>" in a message cannot close it (no injection)
+            ids = encode_prompt(tokenizer, messages, template, special_in_content="ordinary")
+        except ValueError as exc:
+            raise APIError(400, str(exc).splitlines()[0], param="messages") from None
+        max_tokens = check_length(ids, body.max_completion_tokens or body.max_tokens, None)
+        gen = Generation(engine, tokenizer, ids, max_tokens, body.temperature, body.top_p, body.seed, chat_stops,
+                         stops_of(body))
+        return await respond(body, request, gen, "chat")
+
+    return app
