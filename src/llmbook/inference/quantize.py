@@ -438,6 +438,7 @@ def decode_tokens_per_s(model: GPT, prompt: Sequence[int], new_tokens: int = 64,
 def measure_quantized(
     model: GPT, tokenizer, texts: Sequence[str], schemes: Sequence[str] = ("fp32", "int8", "int4", "torch-int8"),
     group_size: int = 32, new_tokens: int = 64, prompt_tokens: int = 16, skip: Sequence[str] = ("lm_head",),
+    repeats: int = 2,
 ) -> list[dict]:
     """One table row per scheme: ``{"scheme", "bytes", "linear_bytes", "bpb", "delta_bpb", "tokens_per_s",
     "same_greedy", "note"}``.
@@ -446,7 +447,7 @@ def measure_quantized(
     weights are neither parameters nor buffers). bpb: ``bits_per_byte`` on
     ``texts``; delta_bpb: minus float32's. tokens_per_s: greedy decoding of
     ``new_tokens`` after the first ``prompt_tokens`` tokens of ``texts[0]``
-    (CPU, this process's threads). same_greedy: the fraction of those tokens
+    (CPU, this process's threads; best of ``repeats``). same_greedy: the fraction of those tokens
     equal to float32's (after the first difference the contexts differ too).
     A scheme that cannot run here (torch-int8 without torch.ao) gets None
     numbers and a note.
@@ -478,7 +479,7 @@ def measure_quantized(
                          "tokens_per_s": None, "same_greedy": None, "note": note})
             continue
         bpb = bits_per_byte(m, tokenizer, texts)
-        tps, out = decode_tokens_per_s(m, prompt, new_tokens, vocab)
+        tps, out = decode_tokens_per_s(m, prompt, new_tokens, vocab, repeats)
         if scheme == "fp32":
             base_bpb, base_tokens = bpb, out
         same = sum(a == b for a, b in zip(out, base_tokens, strict=False)) / max(1, len(base_tokens))
