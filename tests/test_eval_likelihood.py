@@ -1,19 +1,26 @@
-"""Log-likelihoods: batched = one request at a time, lm-eval's truncation and windows, the rolling score."""
+"""Log-likelihoods (batched = one request at a time, lm-eval's truncation and windows), bits per byte, bootstrap."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from llmbook.bpe.tokenizer import Tokenizer
+from llmbook.evaluation.bootstrap import bootstrap_ci, bootstrap_ratio_ci
 from llmbook.evaluation.likelihood import loglikelihoods, rolling_loglikelihood, rolling_windows
+from llmbook.evaluation.perplexity import bits_per_byte
 from llmbook.model import GPT
+from llmbook.posttrain.measure import bootstrap_interval
 
 pytestmark = pytest.mark.usefixtures("seed_and_one_thread")  # tests/conftest.py
 
 CTX = 64  # gpt-tiny's context length
 PREFIX = 255
+ENDOFTEXT = "<|endoftext|>"
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +178,73 @@ def test_rolling_bad_window(model):
         rolling_loglikelihood(model, [1, 2], PREFIX, window=65)
     with pytest.raises(ValueError, match="1 <= stride <= window"):
         rolling_loglikelihood(model, [1, 2], PREFIX, window=8, stride=9)
+
+
+# ---------------------------------------------------------------------- bits per byte and the bootstrap
+
+
+def byte_tokenizer() -> Tokenizer:
+    vocab = {**{i: bytes([i]) for i in range(256)}, 256: b"th"}
+    return Tokenizer(vocab, [(b"t", b"h")], [ENDOFTEXT])  # "th": 256, eot: 257
+
+
+def test_bits_per_byte_of_a_uniform_model():
+    model = GPT.from_preset("gpt-tiny", vocab_size=300)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: uniform over the 300 ids
+    tok = byte_tokenizer()
+    texts = ["the thin thread", "é" * 50, "x" * 130]  # 2-byte characters; a text longer than the window
+    result = bits_per_byte(model, tok, texts, stride=20)
+    tokens = [len(tok.encode_ordinary(t)) for t in texts]
+    assert result.tokens == tokens == [12, 100, 130] and result.bytes == [15, 100, 130]
+    assert result.nats == pytest.approx([n * math.log(300) for n in tokens])
+    assert result.bpb == pytest.approx(math.log2(300) * sum(tokens) / sum(result.bytes))
+    assert result.perplexity == pytest.approx(300)
+    assert (result.window, result.stride) == (CTX, 20)
+
+
+def test_bits_per_byte_is_the_rolling_score():
+    torch.manual_seed(3)
+    model = GPT.from_preset("gpt-tiny", vocab_size=258)
+    tok = byte_tokenizer()
+    texts = ["First Citizen: before we proceed any further, hear me speak. " * 3, "All: speak, speak.", "é"]
+    result = bits_per_byte(model, tok, texts, stride=16, batch_size=5)
+    eot = tok.special_tokens[ENDOFTEXT]
+    for text, nats in zip(texts, result.nats, strict=True):
+        want = -rolling_loglikelihood(model, tok.encode_ordinary(text), eot, stride=16)
+        assert nats == pytest.approx(want, abs=1e-4)
+    assert result.bpb == pytest.approx(sum(result.nats) / math.log(2) / sum(len(t.encode()) for t in texts))
+    low, high = result.interval(draws=500)
+    assert low <= result.bpb <= high
+    assert bits_per_byte(model, tok, texts[:1], prefix_id=7).nats != result.nats[:1]  # the prefix is used
+
+
+def test_bits_per_byte_bad_input(model):
+    tok = byte_tokenizer()
+    with pytest.raises(ValueError, match="bits_per_byte needs at least one text"):
+        bits_per_byte(model, tok, [])
+    with pytest.raises(ValueError, match="not one string"):
+        bits_per_byte(model, tok, "a text")
+    with pytest.raises(ValueError, match="zero bytes"):
+        bits_per_byte(model, tok, ["", ""])
+    with pytest.raises(ValueError, match="pass prefix_id"):
+        bits_per_byte(model, Tokenizer({i: bytes([i]) for i in range(256)}, []), ["abc"])
+
+
+def test_bootstrap():
+    values = [float(i % 4 == 0) for i in range(40)]
+    mean, low, high = bootstrap_ci(values, draws=800, seed=3)
+    assert mean == 0.25 and (low, high) == bootstrap_interval(values, draws=800, seed=3)
+    assert low < 0.25 < high
+    # a ratio of sums with equal denominators is a mean: the same resamples give the same interval
+    ratio = bootstrap_ratio_ci([v * 7 for v in values], [7] * 40, draws=800, seed=3)
+    assert ratio == pytest.approx((mean, low, high))
+    # long texts weigh more: (10 + 0) / (10 + 90), not the mean of 1.0 and 0.0
+    assert bootstrap_ratio_ci([10.0, 0.0], [10, 90])[0] == pytest.approx(0.1)
+    assert bootstrap_ci([2.0], draws=10) == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError, match="bootstrap_ci needs at least one value"):
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_ci([1.0], level=1.5)
+    with pytest.raises(ValueError, match="pair up"):
+        bootstrap_ratio_ci([1.0], [1, 2])
