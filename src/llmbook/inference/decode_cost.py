@@ -1,0 +1,384 @@
+"""The cost of decoding: why generating one token at a time is limited by memory, not arithmetic.
+
+Generation has two phases. **Prefill** runs the prompt's T tokens through the
+model in one forward pass: every weight matrix is read once and multiplied by
+T rows, so each byte of weights feeds 2·T FLOPs and the pass is compute bound.
+**Decode** then produces one token per step: with the KV cache of Chapter 4 a
+step feeds the model a single token, so every weight is read from memory to do
+just 2 FLOPs (one multiply-add) with it. At batch size 1 that is an arithmetic
+intensity of 0.5 FLOP per float32 byte, far left of any machine's ridge point
+(Chapter 6's roofline): the step waits for memory. Hence the decoding roofline
+
+    tokens/s  ≤  bandwidth / bytes read per step  × batch
+
+where a step reads the weights once plus the K and V of every cached position
+of every sequence in the batch. A batch of B sequences shares one read of the
+weights, which is why serving batches requests (``scheduler``) and why smaller
+weights decode faster (``quantize``). The compute roof, measured matmul FLOP/s
+divided by the step's FLOPs, only binds for large batches, long contexts or
+decoding without the cache.
+
+**Without the cache** a step recomputes the keys and values of the whole prefix:
+a forward over all ``context_len`` tokens, which reads the weights once (as
+prefill does) but does ``context_len`` times the FLOPs, plus the full
+``context_len x context_len`` attention scores. It is compute bound and gets
+slower with every token; the outputs are identical (tests/test_decode_cost.py).
+
+On a CPU the small models do not reach either roof: each step also pays a fixed
+cost per operation (Python, the dispatcher, a kernel launch per layer, tens of
+microseconds each), the same for a model of 1M parameters as for 100M.
+``roofline_points`` measures several sizes and ``fit_overhead`` fits that fixed
+cost per step from the points: ``measured ≈ overhead + slowdown × predicted``.
+A model whose weights fit in the CPU's caches can also beat the DRAM roof.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llmbook.kernels import roofline
+from llmbook.model import GPT, ModelConfig
+
+# (name, d_model, n_layers) of roofline_points' default sweep, with vocab 4096: 1.3M, 10.5M, 40M, 102M parameters;
+# the largest holds 409 MB of float32 weights, more than this machine's L3 cache (260 MiB), so it decodes from DRAM.
+# Sized so that the default sweep takes well under 40 s on 2 idle cores.
+DEFAULT_SIZES: tuple[tuple[str, int, int], ...] = (
+    ("1M", 128, 4),
+    ("10M", 256, 12),
+    ("40M", 512, 12),
+    ("100M", 768, 14),
+)
+BANDWIDTH_BYTES = 1 << 29  # 512 MiB per buffer for the bandwidth copy: twice the L3 cache, so it measures DRAM
+
+
+def _check_context(model: GPT, context_len: int) -> None:
+    if not 1 <= context_len <= model.cfg.context_length:
+        raise ValueError(f"context_len must be in 1..{model.cfg.context_length} (the model's context), "
+                         f"got {context_len}")
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters, a tied matrix counted once: what the model holds in memory."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() yields a shared one once
+
+
+def step_weight_bytes(model: GPT, batch_size: int = 1) -> int:
+    """Bytes of weights one decode step reads: every matrix once, but of an embedding table only the rows used.
+
+    The token and position tables are looked up, not multiplied: a step reads
+    one row per sequence. A token table tied to the output head (GPT-2) is read
+    in full all the same, by the head's matmul.
+    """
+    total = weight_bytes(model)
+    tables = []
+    if not model.cfg.tied_embeddings:
+        tables.append(model.tok_emb.weight)
+    if model.cfg.positions == "learned":
+        tables.append(model.pos_emb.weight)
+    for w in tables:
+        total -= w.numel() * w.element_size()  # the whole table ...
+        total += batch_size * w.shape[1] * w.element_size()  # ... replaced by one row per sequence
+    return total
+
+
+def kv_bytes_per_token(model: GPT, dtype: torch.dtype | None = None) -> int:
+    """Bytes of K and V one token adds to the cache: 2 · layers · kv heads · head_dim · bytes per value.
+
+    ``dtype`` defaults to the model's (``new_caches`` allocates the cache in the weights' dtype).
+    """
+    cfg = model.cfg
+    dtype = _param_dtype(model) if dtype is None else dtype
+    return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def decode_bytes_per_token(model: GPT, context_len: int, use_cache: bool = True) -> int:
+    """Bytes one decoding step of one sequence reads from memory, attending to ``context_len`` positions.
+
+    With the cache: the weights once (``step_weight_bytes``) plus the K and V of
+    all ``context_len`` positions (the new token's written, then read with the
+    rest). Without: the weights once (the forward over the ``context_len``
+    tokens multiplies each matrix by all their rows), no cache, but each layer
+    writes and reads the ``context_len x context_len`` attention scores of the
+    manual attention (``roofline.naive_attention_traffic``). Left out as small:
+    the activations of the new token (and, without the cache, the
+    ``context_len x d_model`` ones) and the logits.
+    """
+    _check_context(model, context_len)
+    cfg = model.cfg
+    weights = step_weight_bytes(model)
+    if use_cache:
+        return weights + kv_bytes_per_token(model) * context_len
+    size = torch.empty((), dtype=_param_dtype(model)).element_size()
+    attention = roofline.total(roofline.naive_attention_traffic(1, cfg.n_heads, context_len, cfg.head_dim, size))
+    return weights + cfg.n_layers * int(attention.bytes)
+
+
+def matmul_weights(model: nn.Module) -> int:
+    """Entries of every ``nn.Linear`` weight, the output head included (tied or not): 2 FLOPs each per token."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def decode_flops_per_token(model: GPT, context_len: int, use_cache: bool = True) -> int:
+    """FLOPs of one decoding step of one sequence attending to ``context_len`` positions.
+
+    With the cache: 2 per matmul weight, plus attention's ``q·k`` and ``p·v``
+    over the cached positions, 4 · d_model · context_len per layer (the
+    query heads span d_model). Without: the forward over all ``context_len``
+    tokens, ``context_len`` times the matmuls plus the whole
+    ``context_len x context_len`` attention (the manual kernel computes the
+    masked half too) and its softmax, 5 FLOPs per score.
+    """
+    _check_context(model, context_len)
+    cfg = model.cfg
+    linear = 2 * matmul_weights(model)
+    if use_cache:
+        return linear + cfg.n_layers * 4 * cfg.n_heads * cfg.head_dim * context_len
+    T = context_len
+    attention = 4 * cfg.n_heads * cfg.head_dim * T * T + roofline.SOFTMAX_FLOPS_PER_SCORE * cfg.n_heads * T * T
+    return T * linear + cfg.n_layers * attention
+
+
+@dataclass(frozen=True)
+class DecodePrediction:
+    """The two roofs of decoding for one model, context and batch size, in tokens per second."""
+
+    bytes_per_step: int  # weights once + the K and V of every sequence of the batch
+    flops_per_step: int
+    memory_bound: float  # bandwidth / bytes_per_step × batch
+    compute_bound: float  # flops / flops_per_step × batch; inf when no FLOP/s was given
+    batch_size: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """The roofline's prediction: the lower of the two roofs."""
+        return min(self.memory_bound, self.compute_bound)
+
+    @property
+    def bound(self) -> str:
+        """Which roof binds: "memory" or "compute"."""
+        return "memory" if self.memory_bound <= self.compute_bound else "compute"
+
+    @property
+    def step_s(self) -> float:
+        """The predicted seconds of one step (one token for every sequence of the batch)."""
+        return self.batch_size / self.tokens_per_s
+
+
+def predicted_tokens_per_s(
+    model: GPT, bandwidth: float, context_len: int, batch_size: int = 1, flops: float | None = None,
+    use_cache: bool = True,
+) -> DecodePrediction:
+    """The decoding roofline: tokens/s ≤ bandwidth / bytes read per step × batch, and ≤ FLOP/s / FLOPs per step × batch.
+
+    ``bandwidth`` in bytes/s (``roofline.memory_bandwidth``), ``flops`` in FLOP/s
+    (``roofline.matmul_flops``; None leaves the compute roof out). A step of a
+    batch of B reads the weights once and the K and V of B sequences.
+    """
+    if bandwidth <= 0 or (flops is not None and flops <= 0):
+        raise ValueError(f"bandwidth and flops must be positive, got {bandwidth} and {flops}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    per_seq = decode_bytes_per_token(model, context_len, use_cache) - step_weight_bytes(model)
+    step_bytes = step_weight_bytes(model, batch_size) + batch_size * per_seq
+    step_flops = batch_size * decode_flops_per_token(model, context_len, use_cache)
+    memory = bandwidth / step_bytes * batch_size
+    compute = math.inf if flops is None else flops / step_flops * batch_size
+    return DecodePrediction(step_bytes, step_flops, memory, compute, batch_size)
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    """Measured greedy generation, split into its two phases (medians over repeats)."""
+
+    prefill_s: float  # one forward over the prompt (all rows), which also gives the first new token
+    per_token_s: float  # seconds of one decode step (one token for every row)
+    prompt_len: int
+    new_tokens: int
+    batch_size: int
+    use_cache: bool
+    tokens: list[list[int]] = field(repr=False)  # the new tokens of each row, to check that speed-ups change nothing
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput: new tokens per second over the whole batch."""
+        return self.batch_size / self.per_token_s
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """Prompt tokens processed per second in prefill: many tokens per read of the weights."""
+        return self.batch_size * self.prompt_len / self.prefill_s
+
+
+def _greedy_run(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache: bool,
+                dtype: torch.dtype) -> tuple[float, list[float], list[list[int]]]:
+    """One greedy generation: the prefill's seconds, each decode step's seconds and the new tokens ``(B, new)``."""
+    B, T0 = prompt.shape
+    caches = model.new_caches(B, T0 + new_tokens, dtype=dtype) if use_cache else None
+    seq = torch.empty(B, T0 + new_tokens, dtype=torch.long)
+    seq[:, :T0] = prompt
+    steps = []
+    with torch.no_grad():
+        start = time.perf_counter()
+        logits, _ = model(prompt, caches=caches)  # prefill: (B, T0, V)
+        seq[:, T0] = logits[:, -1].argmax(dim=-1)
+        prefill = time.perf_counter() - start
+        for t in range(T0 + 1, T0 + new_tokens):
+            start = time.perf_counter()
+            # with the cache: only the newest token; without: the whole sequence so far, recomputed
+            idx = seq[:, t - 1 : t] if use_cache else seq[:, :t]
+            logits, _ = model(idx, caches=caches)  # (B, 1 or t, V)
+            seq[:, t] = logits[:, -1].argmax(dim=-1)
+            steps.append(time.perf_counter() - start)
+    return prefill, steps, seq[:, T0:].tolist()
+
+
+def measure_decode(
+    model: GPT, prompt_len: int, new_tokens: int, use_cache: bool = True, batch_size: int = 1, repeats: int = 3,
+    seed: int = 0, prompt: torch.Tensor | None = None,
+) -> DecodeTiming:
+    """Time greedy generation of ``new_tokens`` after a random prompt: prefill and decode measured apart.
+
+    Prefill is one forward over the ``(batch_size, prompt_len)`` prompt, which
+    yields the first new token; each of the other ``new_tokens - 1`` tokens is
+    one decode step, feeding one token with the KV cache or the whole sequence
+    without it. One warm-up run, then the median over ``repeats`` runs of the
+    prefill time and of the mean step time. Greedy, so every run makes the
+    same tokens as ``llmbook.generate.generate(model, prompt, new_tokens, temperature=0)``.
+    """
+    if prompt_len < 1 or new_tokens < 2 or batch_size < 1 or repeats < 1:
+        raise ValueError(
+            f"need prompt_len >= 1, new_tokens >= 2 (one from prefill, at least one decode step), batch_size >= 1 "
+            f"and repeats >= 1; got {prompt_len}, {new_tokens}, {batch_size}, {repeats}"
+        )
+    if prompt_len + new_tokens > model.cfg.context_length:
+        raise ValueError(
+            f"prompt_len + new_tokens = {prompt_len + new_tokens} is more than the model's context_length="
+            f"{model.cfg.context_length}; use a shorter prompt or fewer tokens"
+        )
+    if prompt is None:
+        gen = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, model.cfg.vocab_size, (batch_size, prompt_len), generator=gen)
+    elif tuple(prompt.shape) != (batch_size, prompt_len):
+        raise ValueError(f"prompt must be (batch_size, prompt_len) = {(batch_size, prompt_len)}, "
+                         f"got {tuple(prompt.shape)}")
+    dtype = _param_dtype(model)
+    was_training = model.training
+    model.eval()
+    try:
+        _greedy_run(model, prompt, min(new_tokens, 3), use_cache, dtype)  # warm-up: allocator, threads, caches
+        prefills, steps, tokens = [], [], []
+        for _ in range(repeats):
+            pre, step, tokens = _greedy_run(model, prompt, new_tokens, use_cache, dtype)
+            prefills.append(pre)
+            steps.append(statistics.fmean(step))
+    finally:
+        model.train(was_training)
+    return DecodeTiming(statistics.median(prefills), statistics.median(steps), prompt_len, new_tokens, batch_size,
+                        use_cache, tokens)
+
+
+def sweep_model(d_model: int, n_layers: int, vocab_size: int = 4096, context_length: int = 256,
+                dtype: torch.dtype = torch.float32, seed: int = 0) -> GPT:
+    """A random-weight GPT-2 style model of the given width and depth (heads of 64 dims), in eval mode."""
+    if d_model % 64:
+        raise ValueError(f"d_model must be a multiple of 64 (heads of 64 dims), got {d_model}")
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab_size, context_length=context_length, d_model=d_model, n_layers=n_layers,
+                      n_heads=d_model // 64)
+    return GPT(cfg).to(dtype).eval()
+
+
+@dataclass(frozen=True)
+class Roofs:
+    """This machine's two roofs: DRAM copy bandwidth (bytes/s) and float32 matmul FLOP/s."""
+
+    bandwidth: float
+    flops: float
+
+
+def measure_roofs(nbytes: int = BANDWIDTH_BYTES, repeats: int = 5, matmul_n: int = 1024) -> Roofs:
+    """``roofline.memory_bandwidth`` with buffers larger than the L3 cache, and ``roofline.matmul_flops``."""
+    return Roofs(roofline.memory_bandwidth(nbytes, repeats), roofline.matmul_flops(matmul_n, repeats))
+
+
+def roofline_points(
+    sizes: tuple[tuple[str, int, int], ...] = DEFAULT_SIZES, context_len: int = 64, new_tokens: int = 8,
+    repeats: int = 3, dtype: torch.dtype = torch.float32, roofs: Roofs | None = None, uncached: bool = True,
+) -> list[dict]:
+    """Predicted vs measured decode tokens/s for random GPTs of several sizes, with and without the KV cache.
+
+    ``sizes``: (name, d_model, n_layers); the defaults span 1.3M to 102M
+    parameters, and together take about 20 s on 2 idle cores (float32). Each
+    model gets a ``context_len``-token prompt and ``new_tokens`` new tokens; the
+    prediction uses the mean context of the decode steps. One dict per (size,
+    use_cache) with the model's numbers, the prediction, the measurement and
+    ``ratio`` = measured / predicted tokens/s (below 1: slower than the roof).
+    ``roofs`` defaults to ``measure_roofs()``.
+    """
+    roofs = measure_roofs() if roofs is None else roofs
+    points = []
+    for name, d_model, n_layers in sizes:
+        model = sweep_model(d_model, n_layers, context_length=context_len + new_tokens, dtype=dtype)
+        ctx = context_len + new_tokens // 2  # the mean number of positions a decode step attends to
+        for use_cache in (True, False) if uncached else (True,):
+            pred = predicted_tokens_per_s(model, roofs.bandwidth, ctx, flops=roofs.flops, use_cache=use_cache)
+            timing = measure_decode(model, context_len, new_tokens, use_cache=use_cache, repeats=repeats)
+            points.append({
+                "name": name, "d_model": d_model, "n_layers": n_layers, "params": model.num_params(),
+                "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weight_bytes(model),
+                "use_cache": use_cache, "context_len": ctx, "bytes_per_step": pred.bytes_per_step,
+                "flops_per_step": pred.flops_per_step, "memory_bound": pred.memory_bound,
+                "compute_bound": pred.compute_bound, "predicted_tokens_per_s": pred.tokens_per_s,
+                "bound": pred.bound, "measured_tokens_per_s": timing.tokens_per_s,
+                "prefill_tokens_per_s": timing.prefill_tokens_per_s,
+                "ratio": timing.tokens_per_s / pred.tokens_per_s,
+            })
+        del model
+    return points
+
+
+@dataclass(frozen=True)
+class OverheadFit:
+    """``measured step seconds ≈ overhead_s + slowdown × predicted step seconds``, least squares over points."""
+
+    overhead_s: float  # the fixed cost of a step whatever the model's size: Python, dispatch, kernel launches
+    slowdown: float  # how far above the roof the size-dependent part runs (1: exactly at the roof)
+    n_points: int
+
+    def predict(self, predicted_tokens_per_s: float) -> float:
+        """Tokens/s of a model the roofline alone gives ``predicted_tokens_per_s``, the overhead added back."""
+        return 1.0 / (self.overhead_s + self.slowdown / predicted_tokens_per_s)
+
+
+def fit_overhead(points: list[dict], use_cache: bool = True) -> OverheadFit:
+    """Fit the fixed per-step cost from ``roofline_points``' points (the cached ones by default), at batch 1."""
+    pts = [p for p in points if p["use_cache"] == use_cache]
+    if len(pts) < 2:
+        raise ValueError(f"need at least two points with use_cache={use_cache} to fit a line, got {len(pts)}")
+    x = [1.0 / p["predicted_tokens_per_s"] for p in pts]  # predicted seconds per step
+    y = [1.0 / p["measured_tokens_per_s"] for p in pts]  # measured seconds per step
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    sxx = sum((a - mx) ** 2 for a in x)
+    if sxx == 0:
+        raise ValueError("the points all have the same predicted time; give models of different sizes")
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sxx
+    return OverheadFit(my - slope * mx, slope, len(pts))
+
+
+def prefill_vs_decode(model: GPT, prompt_len: int = 64, new_tokens: int = 8, batch_size: int = 1,
+                      repeats: int = 3) -> dict:
+    """Tokens/s of prefill (many tokens per read of the weights) and of cached decode (one), for the same model."""
+    timing = measure_decode(model, prompt_len, new_tokens, use_cache=True, batch_size=batch_size, repeats=repeats)
+    return {"prompt_len": prompt_len, "batch_size": batch_size, "prefill_s": timing.prefill_s,
+            "prefill_tokens_per_s": timing.prefill_tokens_per_s, "decode_tokens_per_s": timing.tokens_per_s,
+            "ratio": timing.prefill_tokens_per_s / timing.tokens_per_s}
