@@ -104,6 +104,31 @@ def test_too_long_is_truncated_from_the_left(model):
     assert got[0][0] == pytest.approx(loglikelihoods(model, [(ids[75:140], ids[140:])])[0][0], abs=1e-5)
 
 
+def test_equals_lm_evals_hflm(model):
+    """lm-eval's own HFLM._loglikelihood_tokens, run on our model: the same numbers, truncation and is_greedy."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from lm_eval.api.model import CacheHook
+    from lm_eval.models.huggingface import HFLM  # imports transformers: a few seconds
+
+    hflm = SimpleNamespace(backend="causal", logits_cache=True, batch_size=4, max_length=CTX, device="cpu",
+                           _model_call=lambda inps, **kw: model(inps)[0], softmax_dtype=None, rank=0,
+                           cache_hook=CacheHook(None), batch_sizes={})
+    hflm._select_cont_toks = partial(HFLM._select_cont_toks, hflm)
+    requests = random_requests(20, seed=7) + [(list(range(1, 100)), [7, 8]), ([5, 6, 7], [8]), ([5, 6, 7], [9])]
+    with torch.no_grad():  # greedy continuations, for is_greedy = True
+        for context in ([3, 4], list(range(90))):
+            cont = []
+            for _ in range(3):
+                cont.append(int(model(torch.tensor([(context + cont)[-CTX:]]))[0][0, -1].argmax()))
+            requests.append((context, cont))
+        theirs = HFLM._loglikelihood_tokens(hflm, [(None, a, b) for a, b in requests], disable_tqdm=True)
+    ours = loglikelihoods(model, requests, batch_size=4)
+    assert [g for _, g in ours] == [g for _, g in theirs] and sum(g for _, g in ours) >= 2
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-4)  # lm-eval sums in float32
+
+
 def test_bad_requests(model):
     with pytest.raises(ValueError, match="empty continuation"):
         loglikelihoods(model, [([1, 2], [3]), ([1, 2], [])])
