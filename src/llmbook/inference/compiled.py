@@ -1,0 +1,126 @@
+"""``torch.compile`` for decoding: fewer, fused kernels per step, the same tokens.
+
+A decode step of a small model is mostly overhead (``decode_cost``): for every
+layer, Python runs the block's code and PyTorch dispatches a dozen small
+kernels (a norm, a matmul, a reshape, a softmax, ...), each reading and writing
+its tensor. ``torch.compile`` traces a block once into a graph (TorchDynamo),
+fuses the elementwise work into a few generated C++ kernels (TorchInductor,
+which needs a C++ compiler on the CPU) and replays them without the Python in
+between. The arithmetic is the same up to rounding (fused kernels may add in
+another order), so greedy decoding gives the same tokens; we check it.
+
+We compile each ``Block`` rather than the whole ``GPT``: ``GPT.forward`` checks
+its inputs with ``int(...)`` (data-dependent Python, which splits a graph), and
+every block runs the same code, so one compiled graph serves all layers. The
+cache length changes every step; Dynamo specializes on the first value it sees,
+recompiles once with the length symbolic, and reuses that graph afterwards.
+The first run pays for all of it: ``compile_s``. Where compiling fails (no
+C++ compiler, an unsupported platform) the result carries ``skipped``, one line
+saying why, instead of numbers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llmbook.model import GPT
+
+
+@dataclass(frozen=True)
+class CompiledDecode:
+    """Eager vs compiled greedy decoding of one model: tokens/s, compile seconds, whether the tokens agree."""
+
+    mode: str | None  # torch.compile's mode (None: the default)
+    eager_tokens_per_s: float | None = None
+    compiled_tokens_per_s: float | None = None
+    compile_s: float | None = None  # the first compiled run's extra time: tracing, code generation, C++ builds
+    identical: bool | None = None  # the greedy tokens of both are the same
+    skipped: str | None = None  # why there are no numbers, in one line
+
+    @property
+    def speedup(self) -> float | None:
+        if self.skipped or not self.eager_tokens_per_s:
+            return None
+        return self.compiled_tokens_per_s / self.eager_tokens_per_s
+
+
+def _decode(model: GPT, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
+    """Greedy decoding with the KV cache: the new tokens and the seconds per decode step (prefill not counted)."""
+    caches = model.new_caches(1, prompt.shape[1] + new_tokens)
+    out = []
+    with torch.no_grad():
+        logits, _ = model(prompt, caches=caches)  # prefill: (1, T0, V)
+        tok = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
+        out.append(int(tok))
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            logits, _ = model(tok, caches=caches)  # (1, 1, V)
+            tok = logits[:, -1].argmax(dim=-1, keepdim=True)
+            out.append(int(tok))
+        per_step = (time.perf_counter() - start) / max(new_tokens - 1, 1)
+    return out, per_step
+
+
+def compiler_missing() -> str | None:
+    """Why Inductor cannot build CPU kernels here (no C++ compiler on the PATH), or None."""
+    if any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        return None
+    return "torch.compile skipped: no C++ compiler (g++, c++ or clang++) on the PATH for Inductor's CPU kernels"
+
+
+def compiled_decode(
+    model: GPT, prompt_len: int = 16, new_tokens: int = 32, mode: str | None = None, repeats: int = 3, seed: int = 0,
+) -> CompiledDecode:
+    """Greedy decoding tokens/s with each block compiled by ``torch.compile(mode=mode)`` vs eager, same prompt.
+
+    Eager runs once to warm up, then ``repeats`` times (median); the compiled
+    model's first run compiles (``compile_s`` = its time minus a steady run's),
+    then ``repeats`` timed runs. Calls ``torch._dynamo.reset()`` first, so the
+    compile time is honest (it forgets every graph compiled before in this
+    process). The model is left as it came (its blocks restored, its mode too).
+    Modes that work on a CPU: None (default), "max-autotune-no-cudagraphs";
+    "reduce-overhead" adds CUDA graphs, which only a GPU has.
+    """
+    if prompt_len < 1 or new_tokens < 2 or repeats < 1:
+        raise ValueError(f"need prompt_len >= 1, new_tokens >= 2 and repeats >= 1; got {prompt_len}, {new_tokens}, "
+                         f"{repeats}")
+    if prompt_len + new_tokens > model.cfg.context_length:
+        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} is more than the model's "
+                         f"context_length={model.cfg.context_length}")
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), generator=gen)
+    was_training = model.training
+    model.eval()
+    blocks = list(model.blocks)
+    try:
+        _decode(model, prompt, new_tokens)  # warm-up
+        eager = [_decode(model, prompt, new_tokens) for _ in range(repeats)]
+        eager_tokens, eager_step = eager[0][0], statistics.median(s for _, s in eager)
+        missing = compiler_missing()
+        if missing:
+            return CompiledDecode(mode, eager_tokens_per_s=1 / eager_step, skipped=missing)
+        try:
+            torch._dynamo.reset()
+            for i, block in enumerate(blocks):
+                model.blocks[i] = torch.compile(block, mode=mode)
+            start = time.perf_counter()
+            first, _ = _decode(model, prompt, new_tokens)  # compiles: prefill shape, then the decode shapes
+            first_s = time.perf_counter() - start
+            runs = [_decode(model, prompt, new_tokens) for _ in range(repeats)]
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: no numbers here, say why
+            line = (str(e).strip().splitlines() or [""])[0][:200]
+            return CompiledDecode(mode, eager_tokens_per_s=1 / eager_step,
+                                  skipped=f"torch.compile failed here: {type(e).__name__}: {line}")
+        step = statistics.median(s for _, s in runs)
+        steady_run = step * (new_tokens - 1)
+        identical = all(tokens == eager_tokens for tokens, _ in [(first, 0.0), *runs])
+        return CompiledDecode(mode, 1 / eager_step, 1 / step, max(first_s - steady_run, 0.0), identical)
+    finally:
+        for i, block in enumerate(blocks):
+            model.blocks[i] = block
+        model.train(was_training)
