@@ -57,6 +57,22 @@ def load(model: str):
     return loaded.model, loaded.tokenizer, model
 
 
+def banner(name: str, url: str, context: int, max_batch: int, chat: bool) -> str:
+    """What the server prints at start: where it listens, and a curl and an openai-client line to try it."""
+    if chat:  # a chat model (its tokenizer has ChatML's tokens): the snippet asks it something
+        call = (f"c.chat.completions.create(model=\"{name}\", messages=[{{\"role\": \"user\", \"content\": "
+                f"\"Hello\"}}], max_tokens=32).choices[0].message.content")
+    else:  # a base model continues text
+        call = f"c.completions.create(model=\"{name}\", prompt=\"ROMEO:\", max_tokens=32).choices[0].text"
+    return (f"serving '{name}' ({context}-token context, batches of up to {max_batch}) at {url}\n"
+            f"try:\n"
+            f"  curl {url}/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{name}\", \"prompt\": \"ROMEO:\", \"max_tokens\": 32, \"temperature\": 0}}'\n"
+            f"  python -c 'from openai import OpenAI; c = OpenAI(base_url=\"{url}\", api_key=\"none\"); "
+            f"print({call})'\n"
+            f"Ctrl-C stops the server.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmbook.serve",
                                      description="Serve a model of the book over OpenAI's HTTP API.")
@@ -88,15 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{args.port}/v1"
-    print(f"serving '{name}' ({model.cfg.context_length}-token context, batches of up to {args.max_batch}) at {url}\n"
-          f"try:\n"
-          f"  curl {url}/completions -H 'Content-Type: application/json' "
-          f"-d '{{\"model\": \"{name}\", \"prompt\": \"ROMEO:\", \"max_tokens\": 32, \"temperature\": 0}}'\n"
-          f"  python -c 'from openai import OpenAI; c = OpenAI(base_url=\"{url}\", api_key=\"none\"); "
-          f"print(c.chat.completions.create(model=\"{name}\", "
-          f"messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}], max_tokens=32).choices[0].message.content)'\n"
-          f"Ctrl-C stops the server.", flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
+    print(banner(name, url, model.cfg.context_length, args.max_batch, chat="<|im_start|>" in tokenizer.special_tokens),
+          flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=5)  # streams still open after Ctrl-C get 5 s to finish
     server = uvicorn.Server(config)
     try:
         server.run()  # uvicorn handles Ctrl-C / SIGTERM: it stops accepting, finishes, runs the app's shutdown
