@@ -11,7 +11,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from llmbook.bpe.tokenizer import Tokenizer
 from llmbook.evaluation.bootstrap import bootstrap_ci, bootstrap_ratio_ci
-from llmbook.evaluation.likelihood import loglikelihoods, rolling_loglikelihood, rolling_windows
+from llmbook.evaluation.likelihood import default_prefix_id, loglikelihoods, rolling_loglikelihood, rolling_windows
 from llmbook.evaluation.perplexity import bits_per_byte
 from llmbook.model import GPT
 from llmbook.posttrain.measure import bootstrap_interval
@@ -252,8 +252,9 @@ def test_bits_per_byte_bad_input(model):
         bits_per_byte(model, tok, "a text")
     with pytest.raises(ValueError, match="zero bytes"):
         bits_per_byte(model, tok, ["", ""])
-    with pytest.raises(ValueError, match="pass prefix_id"):
-        bits_per_byte(model, Tokenizer({i: bytes([i]) for i in range(256)}, []), ["abc"])
+    plain = Tokenizer({i: bytes([i]) for i in range(256)}, [])  # no <|endoftext|>: a newline starts a document
+    assert bits_per_byte(model, plain, ["abc"]).prefix_id == 10 == default_prefix_id(plain)
+    assert default_prefix_id(tok) == 257
 
 
 def test_bootstrap():

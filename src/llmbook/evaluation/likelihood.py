@@ -34,6 +34,20 @@ import torch.nn.functional as F
 from llmbook.model import GPT
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
+ENDOFTEXT = "<|endoftext|>"
+
+
+def default_prefix_id(tokenizer) -> int:
+    """The token that stands before a document: ``<|endoftext|>`` if the tokenizer has it, else the newline's id.
+
+    lm-eval conditions a document's first token (and a continuation with an empty context) on the tokenizer's
+    end-of-text token. The reference model's tokenizer has no special tokens; in its text a newline is what
+    separates speeches, the closest thing to "a new document starts here" (llmbook.evaluation.harness uses the
+    same rule, so both scorers condition on the same token).
+    """
+    if ENDOFTEXT in tokenizer.special_tokens:
+        return tokenizer.special_tokens[ENDOFTEXT]
+    return tokenizer.encode_ordinary("\n")[0]
 
 
 def _check_request(i: int, context: Sequence[int], continuation: Sequence[int], max_length: int) -> None:

@@ -13,9 +13,9 @@ Tokenization matters as much as the arithmetic, so this module copies lm-eval's 
 lm_eval/api/model.py): trailing whitespace of the context moves to the front of the continuation, the pair is
 encoded as ``encode(context + continuation)``, and the continuation's tokens are what follows the first
 ``len(encode(context))`` tokens. With an empty context, the continuation is conditioned on the prefix token
-(``<|endoftext|>``, lm-eval's ``prefix_token_id``). Text is encoded with ``encode_ordinary``: no special
-tokens are read from task text. The log-likelihoods themselves come from ``likelihood.loglikelihoods``, which
-mirrors lm-eval's Hugging Face model class.
+(``<|endoftext|>``, lm-eval's ``prefix_token_id``; a newline for a tokenizer without it). Text is encoded
+with ``encode_ordinary``: no special tokens are read from task text. The log-likelihoods themselves come from
+``likelihood.loglikelihoods``, which mirrors lm-eval's Hugging Face model class.
 
 Not covered: lm-eval's ``multiple_input`` tasks (one continuation after several contexts), several gold
 answers, and ``acc_mutual_info``.
@@ -28,10 +28,8 @@ from dataclasses import dataclass
 
 from llmbook.bpe.tokenizer import Tokenizer
 from llmbook.evaluation.bootstrap import bootstrap_ci
-from llmbook.evaluation.likelihood import loglikelihoods
+from llmbook.evaluation.likelihood import default_prefix_id, loglikelihoods
 from llmbook.model import GPT
-
-ENDOFTEXT = "<|endoftext|>"
 
 
 @dataclass(frozen=True)
@@ -79,14 +77,12 @@ def predictions(logprobs: Sequence[float], choices: Sequence[str]) -> tuple[int,
     return argmax(logprobs), argmax([ll / float(len(c)) for ll, c in zip(logprobs, choices, strict=True)])
 
 
-def encode_pair(tokenizer: Tokenizer, context: str, continuation: str, prefix_id: int | None
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str, prefix_id: int | None = None
                 ) -> tuple[list[int], list[int]]:
     """lm-eval's split of ``(context, continuation)`` into token ids (``LM.loglikelihood`` and ``_encode_pair``)."""
     if context == "":
         cont = tokenizer.encode_ordinary(continuation)
-        if prefix_id is None:
-            raise ValueError(f"an empty context needs a prefix token, and the tokenizer has no {ENDOFTEXT}; pass "
-                             f"prefix_id")
+        prefix_id = default_prefix_id(tokenizer) if prefix_id is None else prefix_id
         # lm-eval: condition on the prefix token, unless the continuation already starts with it
         return ([prefix_id], cont) if not cont or prefix_id != cont[0] else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
@@ -102,14 +98,13 @@ def score_items(model: GPT, tokenizer: Tokenizer, items: Sequence[MCItem], batch
                 delimiter: str = " ", prefix_id: int | None = None) -> list[MCScore]:
     """Score every item as lm-eval's ``multiple_choice`` output type does, with all requests in one batched call.
 
-    ``delimiter`` is lm-eval's ``target_delimiter``; ``prefix_id`` (default ``<|endoftext|>``) conditions
-    a choice whose context is empty. Raises ``ValueError`` naming the item for a context of only whitespace,
-    a choice that adds no token, or one longer than the model's context.
+    ``delimiter`` is lm-eval's ``target_delimiter``; ``prefix_id`` (default ``<|endoftext|>``, or a newline:
+    ``likelihood.default_prefix_id``) conditions a choice whose context is empty. Raises ``ValueError`` naming
+    the item for a context of only whitespace, a choice that adds no token, or one longer than the model's context.
     """
     if not items:
         raise ValueError("score_items needs at least one item")
-    if prefix_id is None:
-        prefix_id = tokenizer.special_tokens.get(ENDOFTEXT)
+    prefix_id = default_prefix_id(tokenizer) if prefix_id is None else prefix_id
     requests = []
     for item in items:
         for k, choice in enumerate(item.choices):

@@ -23,10 +23,8 @@ from dataclasses import dataclass
 
 from llmbook.bpe.tokenizer import Tokenizer
 from llmbook.evaluation.bootstrap import bootstrap_ratio_ci
-from llmbook.evaluation.likelihood import loglikelihoods, rolling_windows
+from llmbook.evaluation.likelihood import default_prefix_id, loglikelihoods, rolling_windows
 from llmbook.model import GPT
-
-ENDOFTEXT = "<|endoftext|>"
 
 
 @dataclass(frozen=True)
@@ -38,6 +36,7 @@ class BPBResult:
     tokens: list[int]
     window: int
     stride: int
+    prefix_id: int
 
     @property
     def bpb(self) -> float:
@@ -64,7 +63,8 @@ def bits_per_byte(model: GPT, tokenizer: Tokenizer, texts: Sequence[str], stride
                   prefix_id: int | None = None, window: int | None = None, batch_size: int = 32) -> BPBResult:
     """Score every text whole (no special tokens read from the text) and return its nats, bytes and tokens.
 
-    ``prefix_id`` conditions each text's first token (default: the tokenizer's ``<|endoftext|>``);
+    ``prefix_id`` conditions each text's first token (default: ``<|endoftext|>``, or a newline for a tokenizer
+    without it: ``likelihood.default_prefix_id``);
     ``window`` defaults to the model's context length and ``stride`` to the window. The windows of all
     texts run as one batched ``loglikelihoods`` call.
     """
@@ -72,10 +72,7 @@ def bits_per_byte(model: GPT, tokenizer: Tokenizer, texts: Sequence[str], stride
         raise ValueError("texts must be a list of documents, not one string; wrap it: [text]")
     if not texts:
         raise ValueError("bits_per_byte needs at least one text")
-    if prefix_id is None:
-        if ENDOFTEXT not in tokenizer.special_tokens:
-            raise ValueError(f"the tokenizer has no {ENDOFTEXT} token; pass prefix_id (the id that starts a document)")
-        prefix_id = tokenizer.special_tokens[ENDOFTEXT]
+    prefix_id = default_prefix_id(tokenizer) if prefix_id is None else prefix_id
     window = model.cfg.context_length if window is None else window
     if not 1 <= window <= model.cfg.context_length:
         raise ValueError(f"window must be in 1..context_length={model.cfg.context_length}, got {window}")
@@ -96,4 +93,4 @@ def bits_per_byte(model: GPT, tokenizer: Tokenizer, texts: Sequence[str], stride
     nats = [0.0] * len(texts)
     for i, (ll, _) in zip(owner, loglikelihoods(model, requests, batch_size), strict=True):
         nats[i] -= ll
-    return BPBResult(nats, n_bytes, n_tokens, window, stride)
+    return BPBResult(nats, n_bytes, n_tokens, window, stride, prefix_id)
