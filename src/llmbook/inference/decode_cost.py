@@ -30,6 +30,15 @@ microseconds each), the same for a model of 1M parameters as for 100M.
 ``roofline_points`` measures several sizes and ``fit_overhead`` fits that fixed
 cost per step from the points: ``measured ≈ overhead + slowdown × predicted``.
 A model whose weights fit in the CPU's caches can also beat the DRAM roof.
+
+Measure on an idle machine. On a busy one every number drops, and a CPU
+shared by more processes than it has cores is worse still with several torch
+threads: each small kernel waits for all its threads, and a thread that was
+descheduled makes a 1M-parameter model's step 20x slower (measured: 137 ms
+with 2 threads vs 7 ms with 1, on 2 cores running 8 jobs).
+``torch.set_num_threads(1)`` before measuring on a shared machine.
+Decoding in bfloat16 halves the bytes but, on a CPU without fast bf16 matrix-vector
+kernels, is not faster (measured: slower, 0.3 of its roof).
 """
 
 from __future__ import annotations
@@ -341,7 +350,7 @@ def roofline_points(
                 "compute_bound": pred.compute_bound, "predicted_tokens_per_s": pred.tokens_per_s,
                 "bound": pred.bound, "measured_tokens_per_s": timing.tokens_per_s,
                 "prefill_tokens_per_s": timing.prefill_tokens_per_s,
-                "ratio": timing.tokens_per_s / pred.tokens_per_s,
+                "ratio": timing.tokens_per_s / pred.tokens_per_s, "threads": torch.get_num_threads(),
             })
         del model
     return points
