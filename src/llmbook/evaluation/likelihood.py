@@ -31,13 +31,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from llmbook.bpe.tokenizer import Tokenizer
 from llmbook.model import GPT
 
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 ENDOFTEXT = "<|endoftext|>"
 
 
-def default_prefix_id(tokenizer) -> int:
+def default_prefix_id(tokenizer: Tokenizer) -> int:
     """The token that stands before a document: ``<|endoftext|>`` if the tokenizer has it, else the newline's id.
 
     lm-eval conditions a document's first token (and a continuation with an empty context) on the tokenizer's
