@@ -21,14 +21,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from llmbook import checkpoint
 from llmbook import serve as serve_cli
@@ -36,7 +34,7 @@ from llmbook.bpe import Tokenizer
 from llmbook.generate import generate
 from llmbook.inference.engine import Engine
 from llmbook.inference.scheduler import ContinuousBatcher, Event
-from llmbook.inference.server import StopStrings, create_app
+from llmbook.inference.server import StopStrings, create_app, measure_load, serve_in_background
 from llmbook.model import GPT
 from llmbook.posttrain.masking import encode_prompt
 from llmbook.posttrain.templates import CHATML, CHATML_SPECIAL_TOKENS, ENDOFTEXT, Message
@@ -123,40 +121,18 @@ class ScriptedBatcher:
         return events
 
 
-@contextmanager
-def running(app):
-    """``app`` served by uvicorn in a thread on a free loopback port; yields the port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
-
-
-def client_for(port: int) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=TIMEOUT)
+def client_for(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
 def served():
-    """``(client, engine, batcher, model, tokenizer, port)`` of a server running the real scheduler."""
+    """``(client, engine, batcher, model, tokenizer, base_url)`` of a server running the real scheduler."""
     model, tok = tiny_model(), chat_tokenizer()
     batcher = SpyBatcher(model, max_batch=4, vocab_size=tok.vocab_size)
     engine = Engine(batcher, CONTEXT, tok.vocab_size)
-    with running(create_app(engine, tok, NAME)) as port:
-        yield client_for(port), engine, batcher, model, tok, port
+    with serve_in_background(create_app(engine, tok, NAME)) as url:
+        yield client_for(url), engine, batcher, model, tok, url
 
 
 def reference(model: GPT, tok: Tokenizer, ids: list[int], max_tokens: int, stops: list[int]) -> tuple[str, int, str]:
@@ -240,6 +216,20 @@ def test_concurrent_requests_each_equal_their_one_at_a_time_result(served):
     assert engine.steps - steps < sum(lengths)  # batched: fewer steps than one request after another
 
 
+def test_measure_load_counts_every_token_and_times_each_request(served):
+    _, _, _, model, tok, url = served
+    prompts = [f"load {i}" for i in range(6)]
+    result = measure_load(url, NAME, prompts, max_tokens=10, concurrency=3)
+    assert result.requests == 6 and result.concurrency == 3
+    assert result.completion_tokens == sum(completion_reference(model, tok, p, 10)[1] for p in prompts)
+    assert all(0 < f <= t <= result.seconds for f, t in zip(result.first_token, result.latency, strict=True))
+    summary = result.summary()
+    assert summary["tokens_per_s"] == result.completion_tokens / result.seconds
+    assert summary["mean_first_token_s"] <= summary["mean_latency_s"] <= summary["p95_latency_s"] + 1e-9
+    with pytest.raises(ValueError, match="at least one prompt"):
+        measure_load(url, NAME, [])
+
+
 def test_seeded_sampling_is_reproducible(served):
     client = served[0]
     args = dict(model=NAME, prompt="Once", max_tokens=12, temperature=1.0, seed=7)
@@ -250,7 +240,7 @@ def test_seeded_sampling_is_reproducible(served):
 
 
 def test_bad_requests_are_400_with_a_message_and_the_server_goes_on(served):
-    client, _, _, model, tok, port = served
+    client, _, _, model, tok, base = served
     with pytest.raises(openai.BadRequestError, match=r"max_tokens can be at most 118") as err:
         client.completions.create(model=NAME, prompt="0123456789", max_tokens=500)
     assert err.value.body["param"] == "max_tokens"
@@ -266,7 +256,7 @@ def test_bad_requests_are_400_with_a_message_and_the_server_goes_on(served):
         client.chat.completions.create(model=NAME, messages=[{"role": "assistant", "content": "x"}], max_tokens=2)
 
     # FastAPI's 422 validation errors come back as OpenAI's 400 error body
-    url = f"http://127.0.0.1:{port}/v1/completions"
+    url = f"{base}/completions"
     for body, message in [({"prompt": "hi"}, "the field 'model' is required"),
                           ({"model": NAME, "prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
                           ("{not json", "not valid JSON")]:
@@ -275,7 +265,7 @@ def test_bad_requests_are_400_with_a_message_and_the_server_goes_on(served):
         assert r.status_code == 400, r.text
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
         assert message in r.json()["error"]["message"]
-    r = httpx.get(f"http://127.0.0.1:{port}/v1/nothing", timeout=TIMEOUT)
+    r = httpx.get(f"{base}/nothing", timeout=TIMEOUT)
     assert r.status_code == 404 and "message" in r.json()["error"]
 
     text = client.completions.create(model=NAME, prompt="still here", max_tokens=8, temperature=0).choices[0].text
@@ -298,7 +288,7 @@ def wait_for(condition, seconds: float = 10.0) -> bool:
 
 
 def test_a_client_that_disconnects_mid_stream_is_cancelled(served):
-    client, engine, batcher, model, tok, port = served
+    client, engine, batcher, model, tok, base = served
     prompt, n = "Disconnect me", 40
     assert completion_reference(model, tok, prompt, n)[2] == "length"  # it would run all 40 steps
     before = len(engine.cancelled)
@@ -321,7 +311,7 @@ def test_a_client_that_disconnects_mid_stream_is_cancelled(served):
     batcher.delay = 0.03
     try:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=0.3,
+            httpx.post(f"{base}/completions", timeout=0.3,
                        json={"model": NAME, "prompt": prompt, "max_tokens": n, "temperature": 0})
         assert wait_for(lambda: len(batcher.cancel_events) > before + 1)
     finally:
@@ -336,8 +326,8 @@ def test_streamed_pieces_are_whole_characters_and_stop_strings_cross_tokens():
     tok = chat_tokenizer()
     script = list("héllo wörld END more".encode()) + [tok.special_tokens[ENDOFTEXT]]  # é, ö: two tokens each
     engine = Engine(ScriptedBatcher(script), CONTEXT, tok.vocab_size)
-    with running(create_app(engine, tok, NAME)) as port:
-        client = client_for(port)
+    with serve_in_background(create_app(engine, tok, NAME)) as url:
+        client = client_for(url)
         args = dict(model=NAME, prompt="x", max_tokens=40)
         pieces = [c.choices[0].text for c in client.completions.create(**args, stream=True)]
         assert "".join(pieces) == "héllo wörld END more"
@@ -362,8 +352,8 @@ def test_a_scheduler_failure_is_a_500_and_the_next_request_works():
             return super().step()
 
     engine = Engine(Failing(list(b"ok")), CONTEXT, tok.vocab_size)
-    with running(create_app(engine, tok, NAME)) as port:
-        client = client_for(port)
+    with serve_in_background(create_app(engine, tok, NAME)) as url:
+        client = client_for(url)
         with pytest.raises(openai.InternalServerError, match="the scheduler failed: RuntimeError: boom"):
             client.completions.create(model=NAME, prompt="x", max_tokens=4)
         assert client.completions.create(model=NAME, prompt="x", max_tokens=4).choices[0].text == "ok"
@@ -411,7 +401,7 @@ def test_cli_serves_a_run_folder_and_stops_on_ctrl_c(tmp_path):
     try:
         banner = proc.stdout.readline()
         assert banner.startswith(f"serving 'run' ({CONTEXT}-token context") and f"127.0.0.1:{port}/v1" in banner
-        client, deadline = client_for(port), time.monotonic() + 60
+        client, deadline = client_for(f"http://127.0.0.1:{port}/v1"), time.monotonic() + 60
         while True:
             try:
                 res = client.completions.create(model="run", prompt="ROMEO:", max_tokens=8, temperature=0)
