@@ -63,6 +63,8 @@ DEFAULT_SIZES: tuple[tuple[str, int, int], ...] = (
     ("40M", 512, 12),
     ("100M", 768, 14),
 )
+# a longer sweep for benchmarks/bench_inference.py: adds 350M parameters (1.4 GB of float32), a minute or more
+BENCH_SIZES: tuple[tuple[str, int, int], ...] = (*DEFAULT_SIZES, ("200M", 1024, 16), ("350M", 1024, 28))
 BANDWIDTH_BYTES = 1 << 29  # 512 MiB per buffer for the bandwidth copy: twice the L3 cache, so it measures DRAM
 
 
