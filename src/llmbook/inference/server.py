@@ -90,10 +90,13 @@ class _Body(BaseModel):
     stream_options: dict[str, Any] | None = None
     seed: StrictInt | None = None
     n: StrictInt = 1
+    logprobs: StrictBool | StrictInt | None = None  # asked for: a clear 400 rather than a silent null
 
 
 class CompletionBody(_Body):
     prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    echo: StrictBool = False
+    best_of: StrictInt | None = None
 
 
 class ChatMessage(BaseModel):
@@ -290,6 +293,13 @@ def create_app(engine_or_model: Engine | GPT, tokenizer: Tokenizer, model_name: 
         if body.model != model_name:
             raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{model_name}'",
                            type="not_found_error", param="model", code="model_not_found")
+        unsupported = [name for name in ("logprobs", "echo") if getattr(body, name, None) not in (None, False, 0)]
+        if getattr(body, "best_of", None) not in (None, 1):
+            unsupported.append("best_of")
+        if unsupported:
+            raise APIError(400, f"{unsupported[0]} is not supported by this server (it returns text only); "
+                                "score text with llmbook.evaluation or lm-eval's llmbook model instead",
+                           param=unsupported[0])
         if body.n != 1:
             raise APIError(400, f"n={body.n} is not supported: this server returns one choice per request (n=1); "
                                 "send several requests instead", param="n")
