@@ -272,6 +272,7 @@ def test_bad_requests_are_400_with_a_message_and_the_server_goes_on(served):
     url = f"{base}/completions"
     for body, message in [({"prompt": "hi"}, "the field 'model' is required"),
                           ({"model": NAME, "prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+                          ({"model": NAME, "prompt": 5}, "prompt must be a string or a list of token ids (got 5)"),
                           ("{not json", "not valid JSON")]:
         content = body if isinstance(body, str) else json.dumps(body)
         r = httpx.post(url, content=content, headers={"Content-Type": "application/json"}, timeout=TIMEOUT)

@@ -231,6 +231,15 @@ def _sse(data: dict | str) -> str:
 
 # ---------------------------------------------------------------------- the app
 
+_EXPECTED = {"prompt": "a string or a list of token ids", "stop": "a string or a list of strings",
+             "content": "a string or a list of text parts", "logprobs": "a boolean or an integer"}
+
+
+def _is_union_branch(part: object) -> bool:
+    """Whether a pydantic error location part names a union's branch ("str", "list[int]"), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "bool", "float") or "[" in part)
+
+
 
 def create_app(engine_or_model: Engine | GPT, tokenizer: Tokenizer, model_name: str,
                template: Template | str = "chatml", max_batch: int = 8) -> FastAPI:
@@ -274,14 +283,19 @@ def create_app(engine_or_model: Engine | GPT, tokenizer: Tokenizer, model_name: 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         err = exc.errors()[0]
-        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        # a union (prompt: str | list[int]) puts the branch's type in the location: "prompt.str"; drop it
+        loc = [str(part) for part in err.get("loc", ()) if part != "body" and not _is_union_branch(part)]
         param = ".".join(loc) or None
+        got = repr(err.get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
         if err.get("type") == "json_invalid":
             message = f"the request body is not valid JSON: {err.get('msg')}"
         elif err.get("type") == "missing":
             message = f"the field '{param}' is required"
+        elif len(loc) < sum(1 for part in err.get("loc", ()) if part != "body"):
+            message = f"{param} must be {_EXPECTED.get(loc[-1], 'of another type')} (got {got})"
         else:
-            message = f"{param or 'the request body'}: {err.get('msg')} (got {err.get('input')!r})"
+            message = f"{param or 'the request body'}: {err.get('msg')} (got {got})"
         return APIError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
