@@ -403,6 +403,22 @@ def test_cli_unknown_model_is_one_line_and_exit_2(tmp_path, capsys):
     assert "holds no model.pt" in capsys.readouterr().err
 
 
+def test_cli_model_names_load_the_books_models(monkeypatch):
+    from types import SimpleNamespace
+
+    from llmbook import pretrained
+    from llmbook.posttrain import dpo, grpo, sft
+
+    asked = []
+    for module in (pretrained, sft, dpo, grpo):  # no training here: each load just says who was asked
+        monkeypatch.setattr(module, "load", lambda name, m=module: asked.append((m.__name__, name))
+                            or SimpleNamespace(model="net", tokenizer="tok"))
+    for name in ("english", "sft-full", "dpo-task", "grpo"):
+        assert serve_cli.load(name) == ("net", "tok", name)
+    assert asked == [("llmbook.pretrained", "english"), ("llmbook.posttrain.sft", "sft-full"),
+                     ("llmbook.posttrain.dpo", "dpo-task"), ("llmbook.posttrain.grpo", "grpo")]
+
+
 def test_cli_serves_a_run_folder_and_stops_on_ctrl_c(tmp_path):
     model, tok = tiny_model(), chat_tokenizer()
     run = save_run(tmp_path / "run", model, tok)

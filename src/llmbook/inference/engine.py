@@ -49,7 +49,8 @@ class Engine:
     lifespan). ``submit`` must be called from a running event loop; it returns
     the request id and the ``asyncio.Queue`` that receives the request's
     ``Event``s, the last one with ``finished=True``. ``cancelled`` lists the ids
-    cancelled so far (a client that went away), which the tests check.
+    cancelled while still running (a client that went away, a stop string
+    that matched), which the tests check.
     """
 
     def __init__(self, batcher: Any, context_length: int, vocab_size: int | None = None, idle_wait: float = 0.5):
