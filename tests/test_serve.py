@@ -352,6 +352,19 @@ def test_streamed_pieces_are_whole_characters_and_stop_strings_cross_tokens():
         assert "".join(pieces) == "héllo wörld "
         assert res.usage.completion_tokens == len("héllo wörld END".encode())  # D ended it: no token after
 
+    # a chat reply ends at the template's end token, which is not part of the text
+    script = [*"Réd.".encode(), tok.special_tokens["<|im_end|>"], *b"never sent"]
+    engine = Engine(ScriptedBatcher(script), CONTEXT, tok.vocab_size)
+    with serve_in_background(create_app(engine, tok, NAME)) as url:
+        client = client_for(url)
+        args = dict(model=NAME, messages=[{"role": "user", "content": "colour?"}], max_tokens=20)
+        res = client.chat.completions.create(**args)
+        assert res.choices[0].message.content == "Réd." and res.choices[0].finish_reason == "stop"
+        assert res.usage.completion_tokens == len("Réd.".encode()) + 1  # the end token was generated
+        chunks = list(client.chat.completions.create(**args, stream=True))
+        assert [c.choices[0].delta.content for c in chunks[1:-1]] == ["R", "é", "d", "."]  # é waits for its 2nd byte
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
 
 def test_a_scheduler_failure_is_a_500_and_the_next_request_works():
     tok = chat_tokenizer()
