@@ -75,6 +75,7 @@ def compiler_missing() -> str | None:
 
 def compiled_decode(
     model: GPT, prompt_len: int = 16, new_tokens: int = 32, mode: str | None = None, repeats: int = 3, seed: int = 0,
+    dynamic: bool | None = None,
 ) -> CompiledDecode:
     """Greedy decoding tokens/s with each block compiled by ``torch.compile(mode=mode)`` vs eager, same prompt.
 
@@ -84,7 +85,9 @@ def compiled_decode(
     compile time is honest (it forgets every graph compiled before in this
     process). The model is left as it came (its blocks restored, its mode too).
     Modes that work on a CPU: None (default), "max-autotune-no-cudagraphs";
-    "reduce-overhead" adds CUDA graphs, which only a GPU has.
+    "reduce-overhead" adds CUDA graphs, which only a GPU has. ``dynamic``
+    is passed on (True: compile for symbolic shapes at once instead of
+    specializing first and recompiling).
     """
     if prompt_len < 1 or new_tokens < 2 or repeats < 1:
         raise ValueError(f"need prompt_len >= 1, new_tokens >= 2 and repeats >= 1; got {prompt_len}, {new_tokens}, "
@@ -107,7 +110,7 @@ def compiled_decode(
         try:
             torch._dynamo.reset()
             for i, block in enumerate(blocks):
-                model.blocks[i] = torch.compile(block, mode=mode)
+                model.blocks[i] = torch.compile(block, mode=mode, dynamic=dynamic)
             start = time.perf_counter()
             first, _ = _decode(model, prompt, new_tokens)  # compiles: prefill shape, then the decode shapes
             first_s = time.perf_counter() - start
