@@ -259,9 +259,10 @@ def check_int8(int8_scales, quantize_int8, dequantize_int8):
             if not q.dtype.is_floating_point and (int(q.max()) > 127 or int(q.min()) < -128):
                 raise AssertionError(f"{what}: {QUANTIZE_HINTS['no_clamp']}")
             raise AssertionError(f"{what} has dtype {q.dtype}: return int8 codes (.to(torch.int8)), one byte each")
-        if int(q[w == 0].abs().max()) != 0:
-            raise AssertionError(f"{what}: a weight of exactly 0.0 got code {int(q[w == 0].abs().max())}: symmetric "
-                                 "quantization has no zero point, 0.0 is code 0 (an asymmetric scheme adds one)")
+        if int(q[w == 0].int().abs().max()) != 0:
+            raise AssertionError(f"{what}: a weight of exactly 0.0 got code {int(q[w == 0].int().abs().max())}: "
+                                 "symmetric quantization has no zero point, 0.0 is code 0 (an asymmetric scheme "
+                                 "adds one)")
         ref = reference_quantize(w, scales)
         if torch.equal(q, ref):
             continue
