@@ -26,6 +26,12 @@ The pieces:
   then ``data: [DONE]\\n\\n``. A client that disconnects is noticed (Starlette
   cancels the response) and its request is cancelled in the scheduler, which
   frees its batch slot for others.
+
+From Python (a notebook, a test), ``serve_in_background(create_app(model,
+tokenizer, "name"))`` runs the server in a thread and yields its base URL;
+``measure_load(url, "name", prompts, concurrency=8)`` sends requests through
+the official client, several at a time, and returns the tokens per second,
+latencies and times to first token that a user of the server would see.
 """
 
 from __future__ import annotations
@@ -218,11 +224,17 @@ class _SSEResponse(StreamingResponse):
     suspended until garbage collection. Closing it runs its ``finally``.
     """
 
+    def __init__(self, content, on_close=None, **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close  # called at the end however it ends, even if the stream never started
+
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            if self.on_close is not None:
+                self.on_close()
 
 
 def _sse(data: dict | str) -> str:
@@ -379,7 +391,7 @@ def create_app(engine_or_model: Engine | GPT, tokenizer: Tokenizer, model_name: 
                     gen.close()  # a disconnect lands here (even before the first token): the request is cancelled
                 yield _sse("[DONE]")
 
-            return _SSEResponse(events(), media_type="text/event-stream",
+            return _SSEResponse(events(), on_close=gen.close, media_type="text/event-stream",
                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         text = await collect(gen, request)
