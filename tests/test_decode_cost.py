@@ -122,6 +122,11 @@ def test_roofline_points_and_the_overhead_fit():
         assert p["measured_tokens_per_s"] > 0 and p["predicted_tokens_per_s"] > 0
         assert p["ratio"] == pytest.approx(p["measured_tokens_per_s"] / p["predicted_tokens_per_s"])
     assert points[2]["params"] > points[0]["params"]
+    # prefill's prediction: one uncached forward over the 8-token prompt, making 8 tokens
+    model = dc.sweep_model(64, 1, context_length=11)
+    prefill = dc.predicted_tokens_per_s(model, 1e10, 8, flops=1e11, use_cache=False)
+    assert points[0]["predicted_prefill_tokens_per_s"] == pytest.approx(8 * prefill.tokens_per_s)
+    assert points[0]["prefill_bound"] == prefill.bound
     fit = dc.fit_overhead(points)
     assert fit.n_points == 2 and math.isfinite(fit.overhead_s)
 

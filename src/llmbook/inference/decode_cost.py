@@ -344,6 +344,8 @@ def roofline_points(
         for use_cache in (True, False) if uncached else (True,):
             pred = predicted_tokens_per_s(model, roofs.bandwidth, ctx, flops=roofs.flops, use_cache=use_cache)
             timing = measure_decode(model, context_len, new_tokens, use_cache=use_cache, repeats=repeats)
+            # prefill is one forward over the prompt: an uncached step's work, making context_len tokens at once
+            prefill = predicted_tokens_per_s(model, roofs.bandwidth, context_len, flops=roofs.flops, use_cache=False)
             points.append({
                 "name": name, "d_model": d_model, "n_layers": n_layers, "params": model.num_params(),
                 "dtype": str(dtype).removeprefix("torch."), "weight_bytes": weight_bytes(model),
@@ -352,6 +354,7 @@ def roofline_points(
                 "compute_bound": pred.compute_bound, "predicted_tokens_per_s": pred.tokens_per_s,
                 "bound": pred.bound, "measured_tokens_per_s": timing.tokens_per_s,
                 "prefill_tokens_per_s": timing.prefill_tokens_per_s,
+                "predicted_prefill_tokens_per_s": prefill.tokens_per_s * context_len, "prefill_bound": prefill.bound,
                 "ratio": timing.tokens_per_s / pred.tokens_per_s, "threads": torch.get_num_threads(),
             })
         del model
