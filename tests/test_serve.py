@@ -414,6 +414,13 @@ def test_cli_unknown_model_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert serve_cli.main(["--model", str(tmp_path / "empty")]) == 2
     assert "holds no model.pt" in capsys.readouterr().err
+    run = save_run(tmp_path / "run", tiny_model(), chat_tokenizer())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert serve_cli.main(["--model", str(run), "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
 
 
 def test_cli_model_names_load_the_books_models(monkeypatch):

@@ -19,6 +19,7 @@ Ctrl-C stops it cleanly (uvicorn finishes, the engine thread stops).
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
@@ -102,20 +103,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    try:  # bind before the banner, so a taken port is one line, not a traceback after "serving"
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); pick another --port",
+              file=sys.stderr)
+        return 2
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{args.port}/v1"
     print(banner(name, url, model.cfg.context_length, args.max_batch, chat="<|im_start|>" in tokenizer.special_tokens),
           flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+    config = uvicorn.Config(app, log_level="warning",
                             timeout_graceful_shutdown=5)  # streams still open after Ctrl-C get 5 s to finish
     server = uvicorn.Server(config)
     try:
-        server.run()  # uvicorn handles Ctrl-C / SIGTERM: it stops accepting, finishes, runs the app's shutdown
-    except KeyboardInterrupt:
+        server.run(sockets=[sock])  # uvicorn handles Ctrl-C / SIGTERM: stops accepting, finishes, runs the shutdown
+    except KeyboardInterrupt:  # uvicorn raises the signal again once it has stopped
         pass
-    except OSError as exc:  # the port is taken, say
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    finally:
+        sock.close()
     print("stopped", file=sys.stderr)
     return 0
 
