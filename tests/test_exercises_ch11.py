@@ -400,3 +400,31 @@ def test_the_starter_is_generated_from_the_solutions():
     assert starter == build_pdf.make_starter(solution.read_text(), solution.name), "run build_pdf.py --starters"
     assert "BEGIN SOLUTION" not in starter and starter.count('raise NotImplementedError("your solution') == 6
     assert "tags=[\"answer\"]" not in starter and "tags=[\"solution\"]" not in starter
+
+
+def _split_prefill(model, prompt, max_new_tokens, stop_tokens=(), vocab_size=None):
+    """A correct variant: the prompt's last token fed as the first decode step, explicit positions, a full cache."""
+    prompt = list(prompt)
+    if not prompt or len(prompt) + max_new_tokens > model.cfg.context_length:
+        raise ValueError("an empty prompt, or more tokens than the context holds")
+    out = []
+    with torch.no_grad():
+        caches = model.new_caches(1)
+        if len(prompt) > 1:
+            model(torch.tensor([prompt[:-1]]), caches=caches)
+        token = prompt[-1]
+        while len(out) < max_new_tokens:
+            position = torch.tensor([caches[0].length])
+            scores = model(torch.tensor([[token]]), caches=caches, positions=position)[0][0, -1]
+            if vocab_size is not None:
+                scores[vocab_size:] = float("-inf")
+            token = int(scores.argmax())
+            out.append(token)
+            if token in stop_tokens:
+                break
+    return out
+
+
+def test_greedy_check_accepts_other_correct_loops():
+    """The check is about the tokens and the work, not one way of writing the loop."""
+    ch11.check_greedy_decode.strict(_split_prefill)
