@@ -39,23 +39,43 @@ def _presets() -> dict[str, object]:
     return out
 
 
-def load(model: str):
-    """``(model, tokenizer, name)`` for a run folder or a preset name; a one-line error for anything else."""
+def check(model: str) -> None:
+    """A one-line error unless ``model`` is a run folder (or model file) or one of the book's model names; cheap."""
     path = Path(model).expanduser()
     if path.exists():
         if path.is_dir() and not (path / "model.pt").is_file() and not (path / "checkpoint.pt").is_file():
             raise RunError(f"{path} is not a run folder: it holds no model.pt or checkpoint.pt")
+        return
+    presets = _presets()
+    if model not in presets:
+        raise FileNotFoundError(f"--model {model!r} is neither a run folder (with model.pt) nor one of the book's "
+                                f"models: {', '.join(presets)}")
+
+
+def load(model: str):
+    """``(model, tokenizer, name)`` for a run folder or a preset name; a one-line error for anything else."""
+    check(model)
+    path = Path(model).expanduser()
+    if path.exists():
         from llmbook.train import load_model
 
         net, tokenizer = load_model(path)
         name = path.name if path.is_dir() else path.parent.name
         return net, tokenizer, name
-    presets = _presets()
-    if model not in presets:
-        raise FileNotFoundError(f"--model {model!r} is neither a run folder (with model.pt) nor one of the book's "
-                                f"models: {', '.join(presets)}")
-    loaded = presets[model].load(model)  # trains it first if it is not cached (minutes)
+    loaded = _presets()[model].load(model)  # trains it first if it is not cached (minutes)
     return loaded.model, loaded.tokenizer, model
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (uvicorn listens on it); one line if the port is taken."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise RunError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port") from None
+    return sock
 
 
 def banner(name: str, url: str, context: int, max_batch: int, chat: bool) -> str:
@@ -85,11 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--template", default="chatml", help="chat template (default chatml, the book's SFT)")
     parser.add_argument("--name", default=None, help="the model name clients send (default: the folder or preset)")
     args = parser.parse_args(argv)
+    sock = None
     try:
         if args.max_batch < 1:
             raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        check(args.model)  # a wrong name fails at once, and
+        sock = listen(args.host, args.port)  # a taken port before minutes of loading (or training) the model
         model, tokenizer, name = load(args.model)
         name = args.name or name
         import uvicorn
@@ -98,19 +121,15 @@ def main(argv: list[str] | None = None) -> int:
 
         app = create_app(model, tokenizer, name, template=args.template, max_batch=args.max_batch)
     except (OSError, ValueError, RunError, KeyError) as exc:
+        if sock is not None:
+            sock.close()
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if sock is not None:
+            sock.close()
         print("interrupted", file=sys.stderr)
         return 130
-    try:  # bind before the banner, so a taken port is one line, not a traceback after "serving"
-        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((args.host, args.port))
-    except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); pick another --port",
-              file=sys.stderr)
-        return 2
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{args.port}/v1"
     print(banner(name, url, model.cfg.context_length, args.max_batch, chat="<|im_start|>" in tokenizer.special_tokens),
