@@ -111,6 +111,7 @@ class Engine:
                 events = self.batcher.step()
             except Exception as exc:  # a scheduler bug must not hang every client: fail the requests it held
                 self._fail_all(f"the scheduler failed: {type(exc).__name__}: {exc}")
+                self._wake.wait(0.05)  # should it fail again at once, do not spin
                 continue
             self.steps += 1
             if hasattr(self.batcher, "pop_finished"):  # the batcher keeps finished requests for measurements
