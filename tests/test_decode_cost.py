@@ -132,15 +132,23 @@ def test_roofline_points_and_the_overhead_fit():
 
 
 def test_fit_overhead_recovers_a_known_line():
-    # measured step = 2 ms + 1.5 x predicted step, exactly
-    pred = [100.0, 20.0, 5.0]
-    points = [{"use_cache": True, "predicted_tokens_per_s": r, "measured_tokens_per_s": 1 / (0.002 + 1.5 / r)}
-              for r in pred]
-    fit = dc.fit_overhead(points)
-    assert fit.overhead_s == pytest.approx(0.002) and fit.slowdown == pytest.approx(1.5)
-    assert fit.predict(20.0) == pytest.approx(points[1]["measured_tokens_per_s"])
+    # measured step = 2 ms + 1.5 x predicted step, exactly; and 0.5 ms per layer + 1.2 x predicted
+    pred, layers = [100.0, 20.0, 5.0], [2, 6, 12]
+    fixed = [{"use_cache": True, "n_layers": n, "predicted_tokens_per_s": r,
+              "measured_tokens_per_s": 1 / (0.002 + 1.5 / r)} for r, n in zip(pred, layers, strict=True)]
+    fit = dc.fit_overhead(fixed, kind="fixed")
+    assert fit.overhead_s == pytest.approx(0.002) and fit.slowdown == pytest.approx(1.5) and fit.per_layer_s == 0
+    assert fit.predict(20.0, 6) == pytest.approx(fixed[1]["measured_tokens_per_s"])
+    per_layer = [{**p, "measured_tokens_per_s": 1 / (0.0005 * p["n_layers"] + 1.2 / p["predicted_tokens_per_s"])}
+                 for p in fixed]
+    fit = dc.fit_overhead(per_layer)
+    assert fit.kind == "per_layer" and fit.overhead_s == 0
+    assert fit.per_layer_s == pytest.approx(0.0005) and fit.slowdown == pytest.approx(1.2)
+    assert fit.predict(5.0, 12) == pytest.approx(per_layer[2]["measured_tokens_per_s"])
     with pytest.raises(ValueError, match="at least two points"):
-        dc.fit_overhead(points[:1])
+        dc.fit_overhead(fixed[:1])
+    with pytest.raises(ValueError, match="kind must be"):
+        dc.fit_overhead(fixed, kind="linear")
 
 
 def test_prefill_processes_more_tokens_per_second_than_decode():

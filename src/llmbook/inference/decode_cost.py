@@ -27,8 +27,9 @@ slower with every token; the outputs are identical (tests/test_decode_cost.py).
 On a CPU the small models do not reach either roof: each step also pays a fixed
 cost per operation (Python, the dispatcher, a kernel launch per layer, tens of
 microseconds each), the same for a model of 1M parameters as for 100M.
-``roofline_points`` measures several sizes and ``fit_overhead`` fits that fixed
-cost per step from the points: ``measured ≈ overhead + slowdown × predicted``.
+``roofline_points`` measures several sizes and ``fit_overhead`` fits that cost
+from the points: ``measured ≈ per_layer · n_layers + slowdown × predicted``
+(or a fixed cost per step instead of one per layer).
 A model whose weights fit in the CPU's caches can also beat the DRAM roof.
 
 Measure on an idle machine. On a busy one every number drops, and a CPU
@@ -363,30 +364,48 @@ def roofline_points(
 
 @dataclass(frozen=True)
 class OverheadFit:
-    """``measured step seconds ≈ overhead_s + slowdown × predicted step seconds``, least squares over points."""
+    """``measured step s ≈ overhead_s + per_layer_s · n_layers + slowdown · predicted step s``, least squares.
 
-    overhead_s: float  # the fixed cost of a step whatever the model's size: Python, dispatch, kernel launches
+    Two shapes of overhead: ``"fixed"`` (one cost per step, ``per_layer_s`` = 0)
+    or ``"per_layer"`` (a cost per block: Python and a dozen kernel launches
+    each, ``overhead_s`` = 0). On this CPU the per-layer line fits better.
+    """
+
+    overhead_s: float  # a fixed cost of a step whatever the model
+    per_layer_s: float  # a cost of each block, whatever its width
     slowdown: float  # how far above the roof the size-dependent part runs (1: exactly at the roof)
+    kind: str
     n_points: int
 
-    def predict(self, predicted_tokens_per_s: float) -> float:
-        """Tokens/s of a model the roofline alone gives ``predicted_tokens_per_s``, the overhead added back."""
-        return 1.0 / (self.overhead_s + self.slowdown / predicted_tokens_per_s)
+    def step_s(self, predicted_tokens_per_s: float, n_layers: int) -> float:
+        """Seconds per step of a model the roofline alone gives ``predicted_tokens_per_s``, overhead added back."""
+        return self.overhead_s + self.per_layer_s * n_layers + self.slowdown / predicted_tokens_per_s
+
+    def predict(self, predicted_tokens_per_s: float, n_layers: int) -> float:
+        """Tokens/s (batch 1) with the overhead added back to the roofline's prediction."""
+        return 1.0 / self.step_s(predicted_tokens_per_s, n_layers)
 
 
-def fit_overhead(points: list[dict], use_cache: bool = True) -> OverheadFit:
-    """Fit the fixed per-step cost from ``roofline_points``' points (the cached ones by default), at batch 1."""
+def fit_overhead(points: list[dict], use_cache: bool = True, kind: str = "per_layer") -> OverheadFit:
+    """Fit the overhead of a decode step from ``roofline_points``' points (the cached ones by default), at batch 1.
+
+    ``kind`` "per_layer" fits ``measured = per_layer_s · n_layers + slowdown ·
+    predicted``; "fixed" fits ``measured = overhead_s + slowdown · predicted``.
+    """
+    if kind not in ("per_layer", "fixed"):
+        raise ValueError(f"kind must be 'per_layer' or 'fixed', got {kind!r}")
     pts = [p for p in points if p["use_cache"] == use_cache]
     if len(pts) < 2:
         raise ValueError(f"need at least two points with use_cache={use_cache} to fit a line, got {len(pts)}")
-    x = [1.0 / p["predicted_tokens_per_s"] for p in pts]  # predicted seconds per step
-    y = [1.0 / p["measured_tokens_per_s"] for p in pts]  # measured seconds per step
-    mx, my = statistics.fmean(x), statistics.fmean(y)
-    sxx = sum((a - mx) ** 2 for a in x)
-    if sxx == 0:
-        raise ValueError("the points all have the same predicted time; give models of different sizes")
-    slope = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sxx
-    return OverheadFit(my - slope * mx, slope, len(pts))
+    first = [float(p["n_layers"]) if kind == "per_layer" else 1.0 for p in pts]
+    predicted = [1.0 / p["predicted_tokens_per_s"] for p in pts]  # the roofline's seconds per step
+    A = torch.tensor([first, predicted], dtype=torch.float64).T  # (points, 2)
+    y = torch.tensor([1.0 / p["measured_tokens_per_s"] for p in pts], dtype=torch.float64)[:, None]  # measured s
+    if torch.linalg.matrix_rank(A) < 2:
+        raise ValueError("the points cannot separate overhead from the roofline's time; give models of other sizes")
+    c = torch.linalg.lstsq(A, y).solution.flatten().tolist()
+    fixed, per_layer = (0.0, c[0]) if kind == "per_layer" else (c[0], 0.0)
+    return OverheadFit(fixed, per_layer, c[1], kind, len(pts))
 
 
 def prefill_vs_decode(model: GPT, prompt_len: int = 64, new_tokens: int = 8, batch_size: int = 1,
