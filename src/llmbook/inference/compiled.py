@@ -17,6 +17,13 @@ recompiles once with the length symbolic, and reuses that graph afterwards.
 The first run pays for all of it: ``compile_s``. Where compiling fails (no
 C++ compiler, an unsupported platform) the result carries ``skipped``, one line
 saying why, instead of numbers.
+
+Measured on 2 cores shared by 8 jobs, one thread, 16-token prompt, 32 new
+tokens: gpt-tiny 205 → 724 tokens/s (3.5x) after 90 s of compiling; a 10.5M
+model (width 256, 12 layers) 27 → 46 tokens/s (1.7x) after 61 s; greedy
+tokens identical in both. ``dynamic=True`` compiled no faster (86 s) and ran
+slower (1.25x on gpt-tiny). The compile time is why the chapter reads these
+numbers from the benchmark's results instead of compiling while it runs.
 """
 
 from __future__ import annotations

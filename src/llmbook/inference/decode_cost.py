@@ -57,7 +57,7 @@ from llmbook.model import GPT, ModelConfig
 
 # (name, d_model, n_layers) of roofline_points' default sweep, with vocab 4096: 1.3M, 10.5M, 40M, 102M parameters;
 # the largest holds 409 MB of float32 weights, more than this machine's L3 cache (260 MiB), so it decodes from DRAM.
-# Sized so that the default sweep takes well under 40 s on 2 idle cores.
+# Sized so that the default sweep fits in 40 s on 2 idle cores (44 s measured on 2 cores shared by 8 jobs).
 DEFAULT_SIZES: tuple[tuple[str, int, int], ...] = (
     ("1M", 128, 4),
     ("10M", 256, 12),
@@ -330,7 +330,9 @@ def roofline_points(
     """Predicted vs measured decode tokens/s for random GPTs of several sizes, with and without the KV cache.
 
     ``sizes``: (name, d_model, n_layers); the defaults span 1.3M to 102M
-    parameters, and together take about 20 s on 2 idle cores (float32). Each
+    parameters (float32); the whole call took 44 s with one thread on 2 cores
+    shared by 8 jobs (15 s of it the 100M model without the cache), less on an
+    idle machine (``measure_s`` in each point says where the time goes). Each
     model gets a ``context_len``-token prompt and ``new_tokens`` new tokens; the
     prediction uses the mean context of the decode steps. One dict per (size,
     use_cache) with the model's numbers, the prediction, the measurement and
@@ -344,7 +346,9 @@ def roofline_points(
         ctx = context_len + new_tokens // 2  # the mean number of positions a decode step attends to
         for use_cache in (True, False) if uncached else (True,):
             pred = predicted_tokens_per_s(model, roofs.bandwidth, ctx, flops=roofs.flops, use_cache=use_cache)
+            start = time.perf_counter()
             timing = measure_decode(model, context_len, new_tokens, use_cache=use_cache, repeats=repeats)
+            seconds = time.perf_counter() - start
             # prefill is one forward over the prompt: an uncached step's work, making context_len tokens at once
             prefill = predicted_tokens_per_s(model, roofs.bandwidth, context_len, flops=roofs.flops, use_cache=False)
             points.append({
@@ -357,6 +361,7 @@ def roofline_points(
                 "prefill_tokens_per_s": timing.prefill_tokens_per_s,
                 "predicted_prefill_tokens_per_s": prefill.tokens_per_s * context_len, "prefill_bound": prefill.bound,
                 "ratio": timing.tokens_per_s / pred.tokens_per_s, "threads": torch.get_num_threads(),
+                "measure_s": seconds,
             })
         del model
     return points
