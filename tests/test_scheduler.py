@@ -5,12 +5,22 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from llmbook.generate import generate
 from llmbook.inference.scheduler import ContinuousBatcher, Event
 from llmbook.inference.slots import SlotKVCache
+from llmbook.inference.workload import (
+    Request,
+    StaticEngine,
+    compare_batching,
+    percentile,
+    request_stream,
+    serve_stream,
+    throughput_by_batch_size,
+)
 from llmbook.model import GPT, ModelConfig
 
 CONFIGS = {
@@ -198,3 +208,58 @@ def test_short_slots_bound_the_requests():
         engine.submit([1] * 10, 7)
     engine.submit([1] * 10, 6)
     assert len(engine.run()[0]) == 6
+
+
+# --- the synthetic request stream (workload.py) ---------------------------------------------------------------------
+def test_request_stream_is_seeded_poisson_with_lengths_in_range():
+    a, b = request_stream(n=2000, rate=50.0, seed=3), request_stream(n=2000, rate=50.0, seed=3)
+    assert a == b and a != request_stream(n=2000, rate=50.0, seed=4)
+    arrivals = [r.arrival for r in a]
+    assert arrivals[0] == 0 and arrivals == sorted(arrivals)
+    assert abs(arrivals[-1] / 1999 - 1 / 50) < 0.1 / 50  # mean gap 1/rate, within 10%
+    assert {len(r.prompt) for r in a} == set(range(4, 65)) and {r.max_new_tokens for r in a} == set(range(4, 65))
+    assert max(max(r.prompt) for r in a) < 4096
+
+
+@pytest.mark.parametrize("clock", ["compute", "wall"])
+def test_serve_stream_static_and_continuous_give_one_at_a_time_outputs(clock):
+    model = _model("llama-gqa")
+    reqs = request_stream(n=10, rate=2000.0, prompt_len=(1, 10), new_tokens=(1, 12), vocab_size=256, seed=1)
+    results = compare_batching(model, reqs, batch_size=3, clock=clock)
+    for r in results.values():
+        assert r.outputs == [generate(model, [list(q.prompt)], q.max_new_tokens, temperature=0)[0] for q in reqs]
+        assert all(a <= f <= d for a, f, d in zip(r.arrivals, r.first_token, r.finished, strict=True))
+        s = r.summary()
+        assert s["tokens"] == sum(q.max_new_tokens for q in reqs) and s["tokens_per_s"] > 0
+        assert min(r.latencies) <= r.p90_latency <= max(r.latencies) and r.mean_ttft <= r.mean_latency
+
+
+def test_a_burst_takes_fewer_steps_with_continuous_batching():
+    # every request at t=0: static runs 3 batches each as long as its longest request; continuous refills slots
+    model = _model("gpt2")
+    stream = request_stream(n=12, prompt_len=(1, 8), new_tokens=(1, 20), vocab_size=256, seed=2)
+    reqs = [Request(0.0, r.prompt, r.max_new_tokens) for r in stream]
+    results = compare_batching(model, reqs, batch_size=4)
+    static, continuous = results["static"], results["continuous"]
+    longest = [max(q.max_new_tokens for q in reqs[b : b + 4]) for b in range(0, 12, 4)]
+    assert static.steps == sum(longest)
+    assert continuous.steps < static.steps
+
+
+def test_percentile_and_throughput_by_batch_size():
+    values = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6]
+    assert percentile(values, 90) == pytest.approx(float(np.percentile(values, 90)))
+    assert percentile(values, 50) == pytest.approx(float(np.median(values)))
+    points = throughput_by_batch_size(_model("gpt2"), sizes=(1, 2), prompt_len=4, new_tokens=5)
+    assert [p["batch_size"] for p in points] == [1, 2] and all(p["tokens_per_s"] > 0 for p in points)
+
+
+def test_workload_bad_input():
+    with pytest.raises(ValueError, match="no requests"):
+        serve_stream(StaticEngine(_model("gpt2")), [])
+    with pytest.raises(ValueError, match="clock must be 'compute' or 'wall'"):
+        serve_stream(StaticEngine(_model("gpt2")), request_stream(n=1, vocab_size=256), clock="cpu")
+    with pytest.raises(ValueError, match="prompt_len must be a range"):
+        request_stream(prompt_len=(0, 4))
+    with pytest.raises(ValueError, match="engine must be a ContinuousBatcher or a StaticEngine"):
+        serve_stream(object(), request_stream(n=1))
