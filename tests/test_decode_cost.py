@@ -157,3 +157,17 @@ def test_prefill_processes_more_tokens_per_second_than_decode():
     row = dc.prefill_vs_decode(model, prompt_len=48, new_tokens=4, repeats=3)
     # 48 tokens in one pass vs one token per pass: the per-pass overhead alone makes prefill faster per token
     assert row["prefill_tokens_per_s"] > row["decode_tokens_per_s"] and row["ratio"] > 1
+
+
+def test_batch_points_share_the_weights():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig.preset("gpt-tiny"))
+    roofs = dc.Roofs(bandwidth=1e10, flops=1e11)
+    points = dc.batch_points(model, (1, 4), context_len=8, new_tokens=3, repeats=1, roofs=roofs)
+    assert [p["batch_size"] for p in points] == [1, 4]
+    one, four = (dc.predicted_tokens_per_s(model, 1e10, 9, batch_size=b, flops=1e11) for b in (1, 4))
+    assert [p["predicted_tokens_per_s"] for p in points] == [one.tokens_per_s, four.tokens_per_s]
+    assert 1 < four.memory_bound / one.memory_bound < 4  # the weights are read once; the caches are not shared
+    assert all(p["measured_tokens_per_s"] > 0 for p in points)
+    with pytest.raises(ValueError, match="batch_sizes must be positive"):
+        dc.batch_points(model, (0,), roofs=roofs)

@@ -367,6 +367,30 @@ def roofline_points(
     return points
 
 
+def batch_points(
+    model: GPT, batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16), context_len: int = 32, new_tokens: int = 6,
+    repeats: int = 3, roofs: Roofs | None = None,
+) -> list[dict]:
+    """Decode tokens/s against batch size, predicted and measured: one read of the weights serves the whole batch.
+
+    The memory roof grows almost linearly with the batch until the K and V of
+    all sequences or the compute roof take over. One dict per batch size.
+    """
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"batch_sizes must be positive, got {batch_sizes}")
+    roofs = measure_roofs() if roofs is None else roofs
+    points = []
+    for b in batch_sizes:
+        pred = predicted_tokens_per_s(model, roofs.bandwidth, context_len + new_tokens // 2, batch_size=b,
+                                      flops=roofs.flops)
+        timing = measure_decode(model, context_len, new_tokens, batch_size=b, repeats=repeats)
+        points.append({"batch_size": b, "predicted_tokens_per_s": pred.tokens_per_s, "bound": pred.bound,
+                       "memory_bound": pred.memory_bound, "compute_bound": pred.compute_bound,
+                       "measured_tokens_per_s": timing.tokens_per_s, "step_s": timing.per_token_s,
+                       "ratio": timing.tokens_per_s / pred.tokens_per_s})
+    return points
+
+
 @dataclass(frozen=True)
 class OverheadFit:
     """``measured step s ≈ overhead_s + per_layer_s · n_layers + slowdown · predicted step s``, least squares.
