@@ -11,6 +11,8 @@ from llmbook.inference import speculative
 from llmbook.inference.speculative import (
     SpecResult,
     accept_or_resample,
+    expected_speedup,
+    expected_tokens_per_round,
     measure_speedup,
     output_distribution,
     residual_distribution,
@@ -235,6 +237,16 @@ def test_measure_speedup_reports_every_k(pairs):
     assert [r["k"] for r in rows] == [1, 4]
     for r in rows:
         assert r["identical"] and 0.0 <= r["acceptance"] <= 1.0 and 1.0 <= r["tokens_per_call"] <= r["k"] + 1
-        assert r["tokens_per_s"] > 0 and r["speedup"] > 0
+        assert r["tokens_per_s"] > 0 and r["speedup"] > 0 and r["cost_ratio"] > 0
+        assert r["predicted_speedup"] == pytest.approx(expected_speedup(r["tokens_per_call"], r["k"], r["cost_ratio"]))
     with pytest.raises(ValueError, match="at least one prompt"):
         measure_speedup(target, draft, [], ks=[1])
+
+
+def test_expected_tokens_per_round():
+    assert expected_tokens_per_round(0.0, 4) == 1.0 and expected_tokens_per_round(1.0, 4) == 5.0
+    # by enumeration: j proposals accepted (j < k) with probability α^j (1 − α), all k with α^k; each round adds one
+    alpha, k = 0.7, 5
+    mean = sum((j + 1) * alpha**j * (1 - alpha) for j in range(k)) + (k + 1) * alpha**k
+    assert expected_tokens_per_round(alpha, k) == pytest.approx(mean)
+    assert expected_speedup(3.0, 4, 0.25) == pytest.approx(1.5)

@@ -214,8 +214,9 @@ def speculative_generate(
     stops = set(stop_tokens)
     greedy = temperature == 0
     V = vocab_size or target.cfg.vocab_size  # greedy: argmax over the first V ids is argmax after mask_padding
-    modes = target.training, draft.training
-    target.eval(), draft.eval()
+    training = [m for m in (target, draft) if m.training]  # .train()/.eval() walk every module: only if needed
+    for m in training:
+        m.eval()
     try:
         with torch.inference_mode():
             t_caches, d_caches = target.new_caches(1, total), draft.new_caches(1, total)
@@ -259,40 +260,69 @@ def speculative_generate(
                     break
                 result.tokens += new
     finally:
-        target.train(modes[0]), draft.train(modes[1])
+        for m in training:
+            m.train()
     return result
 
 
 # --- Measuring --------------------------------------------------------------------------------------------------------
+def expected_tokens_per_round(alpha: float, k: int) -> float:
+    """Tokens one round yields if each proposal is accepted with probability α independently: (1 − α^(k+1)) / (1 − α).
+
+    The accepted prefix plus the one token the target always adds (Leviathan et al. 2023, Eq. 1):
+
+    >>> round(expected_tokens_per_round(0.8, 4), 3)
+    3.362
+    """
+    if not 0.0 <= alpha <= 1.0 or k < 0:
+        raise ValueError(f"need 0 <= alpha <= 1 and k >= 0, got alpha={alpha}, k={k}")
+    return float(k + 1) if alpha == 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def expected_speedup(tokens_per_round: float, k: int, cost_ratio: float) -> float:
+    """Speed-up over plain decoding: tokens per round / (k·c + 1), c = a draft step's time over a target step's.
+
+    It counts the verification pass as one target step, which at batch 1 it
+    nearly is (k + 1 tokens read the weights once). A draft that costs a third
+    of the target (c = 1/3) and yields 3 tokens a round with k = 4 gives 3 / (4/3 + 1) ≈ 1.29.
+    """
+    return tokens_per_round / (k * cost_ratio + 1.0)
+
+
 def measure_speedup(
     target: GPT, draft: GPT, prompts: Sequence[Sequence[int]], ks: Sequence[int] = range(1, 9),
     max_new_tokens: int = 64, vocab_size: int | None = None, repeats: int = 1,
 ) -> list[dict]:
     """Greedy speculative decoding vs plain greedy decoding with the KV cache, one dict per k.
 
-    Each prompt is decoded by ``llmbook.generate.generate`` (the baseline) and
-    by ``speculative_generate`` for every k, interleaved (baseline, k=1, ..., k=8,
-    baseline again per prompt), so that a machine busy with other work slows
-    both alike; speed-up is the ratio of total times. Every dict has ``k``,
+    Each prompt is decoded by ``llmbook.generate.generate`` (the baseline),
+    by ``speculative_generate`` for every k, and by the draft alone with
+    ``generate``, interleaved (baseline, draft, k=1, ..., k=8, baseline again,
+    per prompt), so that a machine busy with other work slows all of them
+    alike; a speed-up is a ratio of total times. Every dict has ``k``,
     ``acceptance`` (accepted / proposed), ``tokens_per_call`` (new tokens per
-    target pass), ``tokens_per_s``, ``baseline_tokens_per_s``, ``speedup`` and
-    ``identical`` (the outputs equal the baseline's for every prompt).
+    target pass), ``tokens_per_s``, ``baseline_tokens_per_s``, ``speedup``,
+    ``cost_ratio`` (the draft's time per token over the target's, alone),
+    ``predicted_speedup`` (``expected_speedup`` of the measured tokens per call
+    and cost ratio) and ``identical`` (the outputs equal the baseline's for every prompt).
     """
     ks = list(ks)
     if not prompts or not ks:
         raise ValueError("measure_speedup needs at least one prompt and one k")
-    base_time, base_tokens, base_out = 0.0, 0, []
+    base_time, base_tokens, draft_time, draft_tokens = 0.0, 0, 0.0, 0
     stats = {k: {"time": 0.0, "tokens": 0, "proposed": 0, "accepted": 0, "calls": 0, "identical": True} for k in ks}
 
-    def baseline(prompt: list[int]) -> tuple[float, list[int]]:
+    def plain(model: GPT, prompt: list[int]) -> tuple[float, list[int]]:
         start = time.perf_counter()
-        out = generate(target, [prompt], max_new_tokens, temperature=0.0, vocab_size=vocab_size)[0]
+        out = generate(model, [prompt], max_new_tokens, temperature=0.0, vocab_size=vocab_size)[0]
         return time.perf_counter() - start, out
 
     for _ in range(repeats):
         for prompt in prompts:
             prompt = list(prompt)
-            t0, ref = baseline(prompt)
+            t0, ref = plain(target, prompt)
+            t_draft, out = plain(draft, prompt)
+            draft_time, draft_tokens = draft_time + t_draft, draft_tokens + len(out)
             for k in ks:
                 start = time.perf_counter()
                 res = speculative_generate(target, draft, prompt, max_new_tokens, k=k, vocab_size=vocab_size)
@@ -303,18 +333,19 @@ def measure_speedup(
                 s["accepted"] += res.accepted
                 s["calls"] += res.target_calls
                 s["identical"] &= res.tokens == ref
-            t1, _ = baseline(prompt)
+            t1, _ = plain(target, prompt)
             base_time += (t0 + t1) / 2
             base_tokens += len(ref)
-            base_out.append(ref)
     base_rate = base_tokens / base_time
+    cost_ratio = base_rate / (draft_tokens / draft_time)  # time per token: draft / target
     rows = []
     for k in ks:
         s = stats[k]
-        rate = s["tokens"] / s["time"]
+        rate, per_call = s["tokens"] / s["time"], s["tokens"] / s["calls"]
         rows.append({
-            "k": k, "acceptance": s["accepted"] / max(s["proposed"], 1), "tokens_per_call": s["tokens"] / s["calls"],
+            "k": k, "acceptance": s["accepted"] / max(s["proposed"], 1), "tokens_per_call": per_call,
             "tokens_per_s": rate, "baseline_tokens_per_s": base_rate, "speedup": rate / base_rate,
+            "cost_ratio": cost_ratio, "predicted_speedup": expected_speedup(per_call, k, cost_ratio),
             "identical": s["identical"],
         })
     return rows
