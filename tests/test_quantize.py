@@ -241,7 +241,9 @@ def test_measure_quantized_table():
     texts = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer."]
     rows = measure_quantized(model, tok, texts, new_tokens=8, repeats=1)
     assert [r["scheme"] for r in rows] == ["fp32", "int8", "int4", "torch-int8"]
-    assert rows[0]["delta_bpb"] == 0 and rows[0]["same_greedy"] == 1
+    assert rows[0]["delta_bpb"] == 0 and rows[0]["same_argmax"] == 1 and rows[0]["max_logit_diff"] == 0
+    assert rows[0]["greedy_prefix"] == 8 and all(0 <= r["greedy_prefix"] <= 8 for r in rows)
+    assert rows[1]["same_argmax"] > 0.9 and 0 < rows[1]["max_logit_diff"] < 0.05
     assert abs(rows[1]["delta_bpb"]) < 0.01
     assert rows[2]["bytes"] < rows[1]["bytes"] < rows[0]["bytes"]
     assert all(r["tokens_per_s"] > 0 for r in rows if r["note"] is None)

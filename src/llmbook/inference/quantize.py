@@ -441,27 +441,31 @@ def measure_quantized(
     repeats: int = 2,
 ) -> list[dict]:
     """One table row per scheme: ``{"scheme", "bytes", "linear_bytes", "bpb", "delta_bpb", "tokens_per_s",
-    "same_greedy", "note"}``.
+    "same_argmax", "max_logit_diff", "greedy_prefix", "note"}``.
 
     bytes: ``model_nbytes`` (torch-int8: its serialized state_dict, as its packed
-    weights are neither parameters nor buffers). bpb: ``bits_per_byte`` on
-    ``texts``; delta_bpb: minus float32's. tokens_per_s: greedy decoding of
-    ``new_tokens`` after the first ``prompt_tokens`` tokens of ``texts[0]``
-    (CPU, this process's threads; best of ``repeats``). same_greedy: the fraction of those tokens
-    equal to float32's (after the first difference the contexts differ too).
-    A scheme that cannot run here (torch-int8 without torch.ao) gets None
-    numbers and a note.
+    weights are neither parameters nor buffers); linear_bytes: the linears'
+    share (``linear_nbytes``). bpb: ``bits_per_byte`` on ``texts``; delta_bpb:
+    minus float32's. tokens_per_s: greedy decoding of ``new_tokens`` after the
+    first ``prompt_tokens`` tokens of ``texts[0]`` (CPU, this process's threads;
+    best of ``repeats``). same_argmax and max_logit_diff: against float32 on the
+    first context window of ``texts[0]``, both models reading the same tokens
+    (``torch_quant.agreement``). greedy_prefix: how many of the generated tokens
+    equal float32's before the first difference (after it the contexts differ,
+    so the rest says little). A scheme that cannot run here (torch-int8 without
+    torch.ao) gets None numbers and a note.
     """
-    from llmbook.inference.torch_quant import torch_dynamic_int8
+    from llmbook.inference.torch_quant import agreement, torch_dynamic_int8
 
     unknown = set(schemes) - {"fp32", "int8", "int4", "torch-int8"}
     if unknown:
         raise ValueError(f"unknown schemes {sorted(unknown)}; choose from fp32, int8, int4, torch-int8")
     if not texts:
         raise ValueError("measure_quantized needs at least one held-out text")
-    prompt = tokenizer.encode_ordinary(texts[0])[:prompt_tokens]
-    if _prefix_id(tokenizer) is not None:
-        prompt = [_prefix_id(tokenizer), *prompt][:prompt_tokens]
+    prefix_id = _prefix_id(tokenizer)
+    first = ([] if prefix_id is None else [prefix_id]) + tokenizer.encode_ordinary(texts[0])
+    window = torch.tensor([first[: model.cfg.context_length]], dtype=torch.long)  # (1, T)
+    prompt = first[:prompt_tokens]
     new_tokens = min(new_tokens, model.cfg.context_length - len(prompt))
     vocab = getattr(tokenizer, "vocab_size", None)
     rows, base_bpb, base_tokens = [], None, None
@@ -476,18 +480,22 @@ def measure_quantized(
             m = quantize_model(model, scheme, group_size, skip)
         if m is None:
             rows.append({"scheme": scheme, "bytes": None, "linear_bytes": None, "bpb": None, "delta_bpb": None,
-                         "tokens_per_s": None, "same_greedy": None, "note": note})
+                         "tokens_per_s": None, "same_argmax": None, "max_logit_diff": None, "greedy_prefix": None,
+                         "note": note})
             continue
         bpb = bits_per_byte(m, tokenizer, texts)
         tps, out = decode_tokens_per_s(m, prompt, new_tokens, vocab, repeats)
         if scheme == "fp32":
             base_bpb, base_tokens = bpb, out
-        same = sum(a == b for a, b in zip(out, base_tokens, strict=False)) / max(1, len(base_tokens))
+        prefix = next((i for i, (a, b) in enumerate(zip(out, base_tokens, strict=False)) if a != b),
+                      min(len(out), len(base_tokens)))
+        agree = agreement(model, m, window)
         row = {
             "scheme": scheme, "bytes": size if size is not None else model_nbytes(m),
             "linear_bytes": None if scheme == "torch-int8" else linear_nbytes(m),
-            "bpb": bpb, "delta_bpb": bpb - base_bpb, "tokens_per_s": tps, "same_greedy": same, "note": note,
+            "bpb": bpb, "delta_bpb": bpb - base_bpb, "tokens_per_s": tps,
+            "same_argmax": agree.same_argmax, "max_logit_diff": agree.max_logit_diff, "greedy_prefix": prefix,
+            "note": note,
         }
-        if scheme == "fp32" or scheme in schemes:
-            rows.append(row)
+        rows.append(row)
     return rows
