@@ -272,3 +272,16 @@ def test_bad_input_is_one_clear_line():
         measure_quantized(model, None, ["x"], schemes=("fp16",))
     with pytest.raises(ValueError, match="unknown scheme"):
         quantization_error(torch.randn(4, 8), "fp8")
+
+
+def test_quantized_state_dict_round_trips():
+    model = _llama()
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    for scheme in ("int8", "int4"):
+        q = quantize_model(model, scheme)
+        torch.manual_seed(1)
+        fresh = quantize_model(GPT(ModelConfig.preset("llama-tiny")).eval(), scheme)  # other weights, same layout
+        fresh.load_state_dict(q.state_dict())
+        assert fresh.blocks[0].mlp.down.qweight.dtype == (torch.int8 if scheme == "int8" else torch.uint8)
+        with torch.no_grad():
+            assert torch.equal(fresh(ids)[0], q(ids)[0])
