@@ -243,6 +243,10 @@ def test_a_burst_takes_fewer_steps_with_continuous_batching():
     static, continuous = results["static"], results["continuous"]
     longest = [max(q.max_new_tokens for q in reqs[b : b + 4]) for b in range(0, 12, 4)]
     assert static.steps == sum(longest)
+    batches = [reqs[b : b + 4] for b in range(0, 12, 4)]
+    padding = sum(max(len(q.prompt) for q in qs) - len(q.prompt) for qs in batches for q in qs)
+    idle = sum(max(q.max_new_tokens for q in qs) - q.max_new_tokens for qs in batches for q in qs)
+    assert static.wasted_slots == padding + idle > 0 and continuous.wasted_slots == 0
     assert continuous.steps < static.steps
 
 

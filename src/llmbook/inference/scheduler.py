@@ -106,6 +106,7 @@ class ContinuousBatcher:
         self._slots: list[_Request | None] = [None] * max_batch
         self._next_id = 0
         self.finished: dict[int, _Request] = {}  # done requests (tokens, times), for measurements; see pop_finished
+        self.keep_finished = 10_000  # the most finished requests kept in ``finished``, oldest dropped first
         self.steps = 0  # step() calls that did work
         self.decode_rows = 0  # sum over decode steps of the sequences decoded together
 
@@ -173,7 +174,7 @@ class ContinuousBatcher:
 
     # --- the engine ---------------------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
-        """Cancel, admit (prefill) and decode once; the events of this step, in slot order."""
+        """Cancel, admit (prefill) and decode once; this step's events: cancellations, new requests, running ones."""
         with self._step_lock:
             if not self.model.training:  # the usual case; .eval() walks every module, a noticeable cost per step
                 return self._step()
@@ -247,6 +248,8 @@ class ContinuousBatcher:
         with self._lock:
             self._requests.pop(request.id, None)
             self.finished[request.id] = request
+            if len(self.finished) > self.keep_finished:  # a server that never calls pop_finished must not grow forever
+                del self.finished[next(iter(self.finished))]  # the oldest (dicts keep insertion order)
 
     def run(self) -> dict[int, list[int]]:
         """Step until no request is left; the new tokens of every request that finished meanwhile, by id."""
@@ -261,7 +264,7 @@ class ContinuousBatcher:
     def pop_finished(self) -> dict[int, _Request]:
         """The finished requests (with ``tokens``, ``submitted``, ``first_token_at``, ``finished_at``), forgetting them.
 
-        A long-running server should call this now and then: ``finished`` keeps every request otherwise.
+        ``finished`` keeps the last ``keep_finished`` requests otherwise.
         """
         with self._lock:
             done, self.finished = self.finished, {}
