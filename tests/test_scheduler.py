@@ -267,3 +267,25 @@ def test_workload_bad_input():
         request_stream(prompt_len=(0, 4))
     with pytest.raises(ValueError, match="engine must be a ContinuousBatcher or a StaticEngine"):
         serve_stream(object(), request_stream(n=1))
+
+
+def test_cancel_from_another_thread_while_stepping():
+    model = _model("llama-gqa")
+    engine = ContinuousBatcher(model, max_batch=2)
+    ids = [engine.submit([1, 2, 3], 120), engine.submit([4], 8), engine.submit([5, 6], 8)]
+    started = threading.Event()
+
+    def client():
+        started.wait()
+        engine.cancel(ids[0])
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    events: list[Event] = []
+    while engine.has_work:
+        events += engine.step()
+        started.set()
+    thread.join()
+    assert Event(ids[0], None, True, "cancelled") in events and len(engine.finished[ids[0]].tokens) < 120
+    for rid, prompt in zip(ids[1:], ([4], [5, 6]), strict=True):
+        assert [e.token for e in events if e.request_id == rid] == generate(model, [prompt], 8, temperature=0)[0]
