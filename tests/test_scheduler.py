@@ -160,7 +160,10 @@ def test_max_batch_one_and_zero_new_tokens():
     engine = ContinuousBatcher(model, max_batch=1)
     ids = [engine.submit(p, n) for p, n in reqs]
     none = engine.submit([7], 0)
+    model.train()  # generation runs in eval mode and hands the model back as it came
     out = engine.run()
+    assert model.training
+    model.eval()
     for rid, (prompt, n) in zip(ids, reqs, strict=True):
         assert out[rid] == generate(model, [prompt], n, temperature=0)[0]
     assert out[none] == [] and engine.finished[none].reason == "length"

@@ -37,7 +37,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,19 @@ import torch
 from llmbook.generate import _next_token
 from llmbook.inference.slots import SlotKVCache, decode_step, prefill
 from llmbook.model import GPT
+
+
+@contextmanager
+def _eval_mode(model: GPT) -> Iterator[None]:
+    """No dropout while generating; the model is handed back in the mode it came in."""
+    if not model.training:  # the usual case: .eval() walks every module, a noticeable cost per step
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 @dataclass
@@ -175,49 +189,45 @@ class ContinuousBatcher:
     # --- the engine ---------------------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
         """Cancel, admit (prefill) and decode once; this step's events: cancellations, new requests, running ones."""
-        with self._step_lock:
-            if not self.model.training:  # the usual case; .eval() walks every module, a noticeable cost per step
-                return self._step()
-            self.model.eval()  # no dropout while generating
-            try:
-                return self._step()
-            finally:
-                self.model.train()
+        with self._step_lock, _eval_mode(self.model):
+            events: list[Event] = []
+            # 1. cancellations: a running request frees its slot now, a waiting one never starts
+            with self._lock:
+                cancelled, self._cancelled = self._cancelled, set()
+                if cancelled:
+                    self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
+            for rid in sorted(cancelled):
+                request = self._requests.get(rid)
+                if request is not None:  # else it finished on its own before the cancellation got here
+                    self._finish(request, "cancelled")
+                    events.append(Event(rid, None, True, "cancelled"))
+            running = [r for r in self._slots if r is not None]  # decoded in 3., after the new ones are admitted
+            # 2. admission: each waiting request that fits takes a free slot; its prefill gives its first token
+            with self._lock:
+                n_new = min(len(self._waiting), self.max_batch - len(running))
+                admitted = [self._waiting.popleft() for _ in range(n_new)]
 
-    def _step(self) -> list[Event]:
-        events: list[Event] = []
-        with self._lock:
-            cancelled, self._cancelled = self._cancelled, set()
-            if cancelled:
-                self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
-        for rid in sorted(cancelled):
-            request = self._requests.get(rid)
-            if request is not None:  # else it finished on its own before the cancellation got here
-                self._finish(request, "cancelled")
-                events.append(Event(rid, None, True, "cancelled"))
-        running = [r for r in self._slots if r is not None]  # decoded after the new ones are admitted
-        with self._lock:
-            admitted = [self._waiting.popleft() for _ in range(min(len(self._waiting), self.max_batch - len(running)))]
+            for request in admitted:
+                if request.max_new_tokens == 0:
+                    self._finish(request, "length")
+                    events.append(Event(request.id, None, True, "length"))
+                    continue
+                slot = self._slots.index(None)
+                self._slots[slot], request.slot = request, slot
+                logits = prefill(self.model, self.cache, slot, request.prompt)  # (V,)
+                events.append(self._emit(request, logits[None]))
 
-        for request in admitted:
-            if request.max_new_tokens == 0:
-                self._finish(request, "length")
-                events.append(Event(request.id, None, True, "length"))
-                continue
-            slot = self._slots.index(None)
-            self._slots[slot], request.slot = request, slot
-            logits = prefill(self.model, self.cache, slot, request.prompt)  # (V,)
-            events.append(self._emit(request, logits[None]))
-
-        if running:
-            logits = decode_step(self.model, self.cache, [r.slot for r in running], [r.tokens[-1] for r in running])
-            self.decode_rows += len(running)
-            greedy = _next_token(logits, 0.0, None, None, None, self.vocab_size).tolist()  # (A,), one argmax for all
-            for i, request in enumerate(running):
-                events.append(self._emit(request, logits[i : i + 1], greedy[i]))
-        if events:
-            self.steps += 1
-        return events
+            # 3. one decode step for all the others together, each slot at its own position
+            if running:
+                logits = decode_step(self.model, self.cache, [r.slot for r in running], [r.tokens[-1] for r in running])
+                self.decode_rows += len(running)
+                greedy = _next_token(logits, 0.0, None, None, None, self.vocab_size).tolist()  # (A,): one argmax
+                # 4. retirement (in _emit): a stop token or max_new_tokens frees the slot for the next step
+                for i, request in enumerate(running):
+                    events.append(self._emit(request, logits[i : i + 1], greedy[i]))
+            if events:
+                self.steps += 1
+            return events
 
     def _emit(self, request: _Request, logits: torch.Tensor, greedy_token: int | None = None) -> Event:
         """Pick the request's next token from ``logits`` ``(1, V)``, record it, retire the request if it is done."""
