@@ -159,3 +159,54 @@ def test_accuracy_is_a_fraction(model, tokenizer, tmp_path):
     per_item, metrics = run_task(model, tokenizer, tmp_path, "frac", limit=4)
     assert len(per_item) == 4 and metrics["n"] == 4
     assert math.isclose(metrics["acc"], sum(p["acc"] for p in per_item) / 4)
+
+
+# --- suite: the evaluation table's logic, with tiny models injected ----------------------------------------------
+
+
+@needs_books
+def test_suite_table_with_injected_tiny_models(tokenizer, tmp_path):
+    from llmbook.evaluation import suite
+    from llmbook.evaluation.perplexity import bits_per_byte
+
+    chat_vocab, chat_merges = train_bpe(TEXT, 300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    chat = Tokenizer(chat_vocab, chat_merges, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    plain = Tokenizer({i: bytes([i]) for i in range(256)}, [], name="bytes")  # no chat tokens: the plain path
+
+    def load(name):
+        torch.manual_seed(len(name))
+        tok = plain if name == "plain" else chat
+        return GPT(ModelConfig(vocab_size=320, context_length=192, d_model=32, n_layers=1, n_heads=2)).eval(), tok
+
+    sizes = suite.EvalSizes(bpb_docs=4, doc_chars=300, mc_items=5, task_items=6, max_new_tokens=6)
+    book = suite.BookEval.build(sizes)
+    assert [len(book.documents[s]) for s in ("shakespeare", "austen")] == [4, 4] and len(book.task_items) == 6
+    rows = suite.evaluate_book_models(("plain", "chat"), sizes, load=load, book=book, threads=1)
+    assert [r["name"] for r in rows] == ["plain", "chat"]
+    for row in rows:
+        model, tok = load(row["name"])
+        expected = bits_per_byte(model, tok, book.documents["austen"], prefix_id=harness.prefix_id(tok)).bpb
+        assert row["bpb_austen"] == pytest.approx(expected)
+        assert row["bpb_austen_low"] <= row["bpb_austen"] <= row["bpb_austen_high"]
+        ours = [*score_items(model, tok, book.items["shakespeare"], delimiter="\n"),
+                *score_items(model, tok, book.items["austen"], delimiter=" ")]
+        assert row["acc"] == pytest.approx(sum(s.acc for s in ours) / 10) and row["mc_items"] == 10
+        assert 0.0 <= row["task_low"] <= row["task"] <= row["task_high"] <= 1.0 and row["task_items"] == 6
+    table = suite.format_table(rows)
+    assert table.splitlines()[0].startswith("model") and "plain" in table and "chat" in table
+    with pytest.raises(ValueError, match="at least one name"):
+        suite.evaluate_book_models((), sizes, load=load, book=book)
+    agreement = suite.harness_agreement(*load("chat"), book.items["austen"], tmp_path, "agree", " ")
+    assert agreement["identical"] and agreement["max_abs_diff"] == 0.0
+    assert agreement["acc_lm_eval"] == agreement["acc_ours"]
+
+
+@needs_books
+def test_held_out_documents_are_consecutive_pieces():
+    from llmbook.evaluation import suite
+
+    docs = suite.held_out_documents("shakespeare", 5, 200)
+    assert book_tasks.held_out_text("shakespeare").startswith("".join(docs))
+    assert all(len(d) >= 200 and d.endswith("\n") for d in docs)
+    with pytest.raises(ValueError, match="only"):
+        suite.held_out_documents("austen", 10**6, 1000)
