@@ -100,3 +100,18 @@ def test_write_task_is_lm_evals_yaml_and_a_jsonl(tmp_path):
     assert book_tasks.read_items(jsonl) == items
     with pytest.raises(ValueError, match="at least one item"):
         write_task([], tmp_path, "empty")
+
+
+@needs_books
+def test_swapped_and_shuffled_distractors_are_the_golds_words():
+    for kind in ("swapped", "shuffled"):
+        for item in continuation_items("austen", n=20, seed=1, kind=kind):
+            gold = item.choices[item.gold].split()
+            for k, choice in enumerate(item.choices):
+                assert sorted(choice.split()) == sorted(gold)  # the same words: only their order differs
+                if k != item.gold:
+                    differ = [i for i, (a, b) in enumerate(zip(choice.split(), gold, strict=True)) if a != b]
+                    assert differ and (kind == "shuffled" or (len(differ) == 2 and differ[1] == differ[0] + 1))
+            assert len(set(item.choices)) == 4
+    with pytest.raises(ValueError, match="unknown kind"):
+        continuation_items("austen", n=2, kind="random")

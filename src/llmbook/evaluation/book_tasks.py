@@ -45,6 +45,7 @@ SOURCES = {"shakespeare": "tinyshakespeare", "austen": "pride_and_prejudice"}
 # the separator between context and choice in the text, lm-eval's ``target_delimiter``: a play's next line starts
 # on a new line; a novel's next sentence follows a space
 DELIMITERS = {"shakespeare": "\n", "austen": " "}
+KINDS = ("lines", "swapped", "shuffled")  # what the distractors are: see continuation_items
 _ABBREVIATIONS = ("Mr.", "Mrs.", "Dr.", "St.")  # a full stop that does not end an Austen sentence
 
 
@@ -91,14 +92,47 @@ def _distractors(rng: random.Random, gold: str, pool: Sequence[str], avoid: str,
     return rng.sample(similar, k)
 
 
-def _item(rng: random.Random, item_id: str, context: str, gold: str, pool: Sequence[str], n_choices: int) -> MCItem:
-    choices = _distractors(rng, gold, pool, context, n_choices - 1)
+def _shuffled(rng: random.Random, gold: str, k: int) -> list[str]:
+    """k distinct orders of the gold's words, none the original: the same words, so only word order tells."""
+    tokens = gold.split()
+    seen, out = {gold}, []
+    for _ in range(200):
+        candidate = " ".join(rng.sample(tokens, len(tokens)))
+        if candidate not in seen:
+            seen.add(candidate)
+            out.append(candidate)
+            if len(out) == k:
+                return out
+    raise ValueError(f"the line {gold!r} has too few word orders for {k} distractors")
+
+
+def _swapped(rng: random.Random, gold: str, k: int) -> list[str]:
+    """k copies of the gold, each with one pair of neighbouring words swapped (k different pairs)."""
+    tokens = gold.split()
+    out: list[str] = []
+    for i in rng.sample(range(len(tokens) - 1), len(tokens) - 1):  # the pairs in a random order, until k differ
+        swapped = [*tokens[:i], tokens[i + 1], tokens[i], *tokens[i + 2:]]
+        if swapped != tokens and " ".join(swapped) not in out and len(out) < k:
+            out.append(" ".join(swapped))
+    if len(out) < k:
+        raise ValueError(f"the line {gold!r} has too few distinct swaps for {k} distractors")
+    return out
+
+
+def _item(rng: random.Random, item_id: str, context: str, gold: str, pool: Sequence[str], n_choices: int,
+          kind: str = "lines") -> MCItem:
+    if kind == "swapped":
+        choices = _swapped(rng, " ".join(gold.split()), n_choices - 1)
+    elif kind == "shuffled":
+        choices = _shuffled(rng, " ".join(gold.split()), n_choices - 1)
+    else:
+        choices = _distractors(rng, gold, pool, context, n_choices - 1)
     answer = rng.randrange(n_choices)
     choices.insert(answer, gold)
     return MCItem(item_id, context, tuple(choices), answer)
 
 
-def _shakespeare_items(n: int, seed: int, context_chars: int, n_choices: int) -> list[MCItem]:
+def _shakespeare_items(n: int, seed: int, context_chars: int, n_choices: int, kind: str) -> list[MCItem]:
     lines = held_out_text("shakespeare").split("\n")
 
     def spoken(i: int) -> bool:  # a line of a speech, not a "SPEAKER:" heading nor a blank
@@ -107,7 +141,8 @@ def _shakespeare_items(n: int, seed: int, context_chars: int, n_choices: int) ->
 
     pool = [lines[i] for i in range(len(lines)) if spoken(i) and 20 <= len(lines[i]) <= 80]
     # a gold line continues a speech (the line before it is text, not a blank) and has a few lines of context
-    candidates = [i for i in range(8, len(lines)) if spoken(i) and 20 <= len(lines[i]) <= 80 and lines[i - 1].strip()]
+    candidates = [i for i in range(8, len(lines)) if spoken(i) and 20 <= len(lines[i]) <= 80 and lines[i - 1].strip()
+                  and len(lines[i].split()) >= 4]
     rng = random.Random(f"{seed}:shakespeare")
     items = []
     for i in _pick(rng, candidates, n, "lines"):
@@ -115,7 +150,7 @@ def _shakespeare_items(n: int, seed: int, context_chars: int, n_choices: int) ->
         while first > 0 and len("\n".join(lines[first - 1:i])) <= context_chars:
             first -= 1
         context = "\n".join(lines[first:i]).strip()
-        items.append(_item(rng, f"shakespeare-{i}", context, lines[i], pool, n_choices))
+        items.append(_item(rng, f"shakespeare-{i}", context, lines[i], pool, n_choices, kind))
     return items
 
 
@@ -132,7 +167,7 @@ def _sentences(paragraph: str) -> list[tuple[int, str]]:
     return out
 
 
-def _austen_items(n: int, seed: int, context_chars: int, n_choices: int) -> list[MCItem]:
+def _austen_items(n: int, seed: int, context_chars: int, n_choices: int, kind: str) -> list[MCItem]:
     text = held_out_text("austen")
     # (offset in text, sentence, mid-paragraph?) for every sentence; chapter headings are not sentences
     sentences: list[tuple[int, str, bool]] = []
@@ -151,13 +186,21 @@ def _austen_items(n: int, seed: int, context_chars: int, n_choices: int) -> list
         before = text[:offset].rstrip()
         cut = len(before) - context_chars
         context = before[before.find(" ", cut) + 1:] if cut > 0 else before  # start at a word
-        items.append(_item(rng, f"austen-{offset}", context.lstrip(), sentence, pool, n_choices))
+        items.append(_item(rng, f"austen-{offset}", context.lstrip(), sentence, pool, n_choices, kind))
     return items
 
 
 def continuation_items(source: str = "shakespeare", n: int = 200, seed: int = 0, context_chars: int = 200,
-                       n_choices: int = 4) -> list[MCItem]:
+                       n_choices: int = 4, kind: str = "lines") -> list[MCItem]:
     """``n`` "which continuation is the real one" items from a book's held-out text, the same on every machine.
+
+    ``kind="lines"``: the distractors are other held-out lines (sentences) of
+    about the gold's length, so the model must know what comes *next* here
+    (hard for a small model: the book's models score near chance).
+    ``kind="shuffled"``: the distractors are the gold's own words in other
+    orders, so the model must know only what *English* looks like (the same
+    characters: acc equals acc_norm). ``kind="swapped"``: each distractor is
+    the gold with one pair of neighbouring words swapped, between the two.
 
     ``context_chars`` (about 200: ~90 tokens of the reference model's BPE, so
     context and choice fit its 128-token window) bounds the passage shown; it
@@ -166,10 +209,13 @@ def continuation_items(source: str = "shakespeare", n: int = 200, seed: int = 0,
     """
     if n_choices < 2:
         raise ValueError(f"a multiple-choice item needs at least 2 choices, got n_choices={n_choices}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: 'lines' (other lines as distractors), 'swapped' (two neighbouring "
+                         "words of the gold swapped) or 'shuffled' (the gold's words in any order)")
     if source == "shakespeare":
-        return _shakespeare_items(n, seed, context_chars, n_choices)
+        return _shakespeare_items(n, seed, context_chars, n_choices, kind)
     if source == "austen":
-        return _austen_items(n, seed, context_chars, n_choices)
+        return _austen_items(n, seed, context_chars, n_choices, kind)
     raise ValueError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}")
 
 
