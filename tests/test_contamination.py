@@ -10,6 +10,7 @@ from llmbook import data
 from llmbook.evaluation import book_tasks
 from llmbook.evaluation.contamination import (
     check_contamination,
+    finetuning_text,
     ngram_hash,
     ngrams,
     training_ngrams_in,
@@ -88,6 +89,8 @@ def test_bad_input_gives_one_clear_line():
         check_contamination([("a", "b")], TRAIN, threshold=0.0)
     with pytest.raises(ValueError, match="unknown model"):
         training_text("gpt4")
+    with pytest.raises(ValueError, match="unknown SFT model 'sft-huge'"):
+        finetuning_text("sft-huge")
 
 
 def _has_books() -> bool:

@@ -205,3 +205,18 @@ def training_text(model: str = "english", val_fraction: float = 0.1) -> str:
         return loader.mixture_split("english", val_fraction)[0]
     raise ValueError(f"unknown model {model!r}: 'shakespeare' (the reference model) or 'english' (the base of "
                      "the post-trained models, which saw its text)")
+
+
+def finetuning_text(name: str = "sft-full") -> str:
+    """The text of an SFT model's fine-tuning conversations (Chapter 9's ``sft.conversations``, train split).
+
+    Worth checking too: the verifiable task makes its prompts from lines of
+    *both whole books*, so the post-trained models (SFT, and DPO and GRPO built
+    on it) read lines from the books' held-out ends as instruction inputs.
+    """
+    from llmbook.posttrain import sft
+
+    if name not in sft.SFT_PRESETS:
+        raise ValueError(f"unknown SFT model {name!r}: choose one of {', '.join(sft.SFT_PRESETS)}")
+    conversations = sft.conversations(sft.SFT_PRESETS[name], "train")
+    return "\n\n".join("\n".join(m.content for m in messages) for messages in conversations)
