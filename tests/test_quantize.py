@@ -239,7 +239,9 @@ def test_measure_quantized_table():
     model = _llama(vocab_size=264)
     tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<|endoftext|>"])
     texts = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer."]
-    rows = measure_quantized(model, tok, texts, new_tokens=8, repeats=1)
+    threads = torch.get_num_threads()
+    rows = measure_quantized(model, tok, texts, new_tokens=8, repeats=1, threads=1)
+    assert torch.get_num_threads() == threads
     assert [r["scheme"] for r in rows] == ["fp32", "int8", "int4", "torch-int8"]
     assert rows[0]["delta_bpb"] == 0 and rows[0]["same_argmax"] == 1 and rows[0]["max_logit_diff"] == 0
     assert rows[0]["greedy_prefix"] == 8 and all(0 <= r["greedy_prefix"] <= 8 for r in rows)

@@ -422,23 +422,34 @@ def bits_per_byte(model: nn.Module, tokenizer, texts: Sequence[str], batch_size:
 
 
 def decode_tokens_per_s(model: GPT, prompt: Sequence[int], new_tokens: int = 64, vocab_size: int | None = None,
-                        repeats: int = 2) -> tuple[float, list[int]]:
-    """Greedy decoding speed with the KV cache (best of ``repeats`` after a warm-up) and the tokens it wrote."""
+                        repeats: int = 2, threads: int | None = None) -> tuple[float, list[int]]:
+    """Greedy decoding speed with the KV cache (best of ``repeats`` after a warm-up) and the tokens it wrote.
+
+    ``threads`` sets ``torch.set_num_threads`` while timing (restored after): a
+    model this small decodes no faster on two threads, and on a busy machine
+    two threads that wait for each other can be several times slower than one.
+    """
     from llmbook.generate import generate
 
-    out = generate(model, [list(prompt)], min(4, new_tokens), temperature=0.0, vocab_size=vocab_size)  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = generate(model, [list(prompt)], new_tokens, temperature=0.0, vocab_size=vocab_size)[0]
-        best = min(best, time.perf_counter() - t0)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        out = generate(model, [list(prompt)], min(4, new_tokens), temperature=0.0, vocab_size=vocab_size)  # warm-up
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = generate(model, [list(prompt)], new_tokens, temperature=0.0, vocab_size=vocab_size)[0]
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
     return len(out) / best, out
 
 
 def measure_quantized(
     model: GPT, tokenizer, texts: Sequence[str], schemes: Sequence[str] = ("fp32", "int8", "int4", "torch-int8"),
     group_size: int = 32, new_tokens: int = 64, prompt_tokens: int = 16, skip: Sequence[str] = ("lm_head",),
-    repeats: int = 2,
+    repeats: int = 2, threads: int | None = None,
 ) -> list[dict]:
     """One table row per scheme: ``{"scheme", "bytes", "linear_bytes", "bpb", "delta_bpb", "tokens_per_s",
     "same_argmax", "max_logit_diff", "greedy_prefix", "note"}``.
@@ -447,8 +458,8 @@ def measure_quantized(
     weights are neither parameters nor buffers); linear_bytes: the linears'
     share (``linear_nbytes``). bpb: ``bits_per_byte`` on ``texts``; delta_bpb:
     minus float32's. tokens_per_s: greedy decoding of ``new_tokens`` after the
-    first ``prompt_tokens`` tokens of ``texts[0]`` (CPU, this process's threads;
-    best of ``repeats``). same_argmax and max_logit_diff: against float32 on the
+    first ``prompt_tokens`` tokens of ``texts[0]`` (CPU, ``threads`` threads or
+    this process's; best of ``repeats``). same_argmax and max_logit_diff: against float32 on the
     first context window of ``texts[0]``, both models reading the same tokens
     (``torch_quant.agreement``). greedy_prefix: how many of the generated tokens
     equal float32's before the first difference (after it the contexts differ,
@@ -484,7 +495,7 @@ def measure_quantized(
                          "note": note})
             continue
         bpb = bits_per_byte(m, tokenizer, texts)
-        tps, out = decode_tokens_per_s(m, prompt, new_tokens, vocab, repeats)
+        tps, out = decode_tokens_per_s(m, prompt, new_tokens, vocab, repeats, threads)
         if scheme == "fp32":
             base_bpb, base_tokens = bpb, out
         prefix = next((i for i, (a, b) in enumerate(zip(out, base_tokens, strict=False)) if a != b),
