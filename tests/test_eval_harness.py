@@ -121,6 +121,12 @@ def test_generate_until_is_greedy_and_stops_at_the_until_string(model, tokenizer
     assert cut == reference.split(stop, 1)[0] and stop not in cut
 
 
+def test_registered_in_lm_evals_model_registry():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("llmbook") is LlmbookLM
+
+
 def test_prefix_token_without_special_tokens():
     plain = Tokenizer({i: bytes([i]) for i in range(256)}, [], name="bytes")
     assert harness.prefix_id(plain) == ord("\n")

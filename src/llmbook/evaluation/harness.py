@@ -57,7 +57,6 @@ def prefix_id(tokenizer: Tokenizer) -> int:
     return tokenizer.encode_ordinary("\n")[0]
 
 
-@register_model("llmbook")
 class LlmbookLM(TemplateLM):
     """An llmbook ``GPT`` and its ``Tokenizer`` as an lm-eval model: ``simple_evaluate(model=LlmbookLM(m, tok), ...)``.
 
@@ -149,6 +148,12 @@ class LlmbookLM(TemplateLM):
             if s:
                 text = text.split(s, 1)[0]
         return text
+
+
+try:  # lm-eval's CLI name: lm_eval --model llmbook --model_args run_dir=<folder> (with this module imported)
+    register_model("llmbook")(LlmbookLM)
+except ValueError:  # registered already: this module was reloaded (a notebook's autoreload)
+    pass
 
 
 def _task_manager(task_dir: str | Path, name: str):
