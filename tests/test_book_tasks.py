@@ -115,3 +115,15 @@ def test_swapped_and_shuffled_distractors_are_the_golds_words():
             assert len(set(item.choices)) == 4
     with pytest.raises(ValueError, match="unknown kind"):
         continuation_items("austen", n=2, kind="random")
+
+
+@needs_books
+def test_speaker_items_differ_only_in_the_name():
+    items = book_tasks.speaker_items(n=30, seed=0)
+    held = held_out_text("shakespeare")
+    assert items == book_tasks.speaker_items(n=30, seed=0)
+    for item in items:
+        assert item.context + book_tasks.SPEAKER_DELIMITER + item.choices[item.gold] + "\n" in held
+        names = [c.split(":\n", 1)[0] for c in item.choices]
+        lines = {c.split(":\n", 1)[1] for c in item.choices}
+        assert len(set(names)) == 4 and len(lines) == 1 and all(n.isupper() for n in names)

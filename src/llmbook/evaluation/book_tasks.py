@@ -219,6 +219,47 @@ def continuation_items(source: str = "shakespeare", n: int = 200, seed: int = 0,
     raise ValueError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}")
 
 
+SPEAKER_DELIMITER = "\n\n"  # a speech starts after a blank line
+
+
+def speaker_items(n: int = 200, seed: int = 0, context_chars: int = 200, n_choices: int = 4,
+                  nearby: int = 30) -> list[MCItem]:
+    """``n`` "which speaker says this line" items from held-out Tiny Shakespeare.
+
+    The context is the dialogue before a speech; each choice is a speaker's
+    heading followed by the speech's real first line (``"GREMIO:\nGood
+    morrow, neighbour Baptista."``), the same line in every choice, so only
+    the name differs and the model must judge who would say it here. The
+    distractors are other speakers of the same stretch of the play (among the
+    ``nearby`` speeches around it) where there are enough, so a name that is
+    simply frequent, or from another play, does not give the answer away.
+    Score with ``delimiter=SPEAKER_DELIMITER``.
+    """
+    if n_choices < 2:
+        raise ValueError(f"a multiple-choice item needs at least 2 choices, got n_choices={n_choices}")
+    lines = held_out_text("shakespeare").split("\n")
+    starts = [i for i in range(1, len(lines) - 1) if lines[i].endswith(":") and not lines[i - 1].strip()
+              and lines[i + 1].strip() and len(lines[i]) > 1]
+    names = [lines[i][:-1] for i in starts]
+    candidates = [k for k, i in enumerate(starts) if i >= 8 and len(set(names) - {names[k]}) >= n_choices - 1]
+    rng = random.Random(f"{seed}:speaker")
+    items = []
+    for k in _pick(rng, candidates, n, "speeches"):
+        i, gold = starts[k], names[k]
+        first = i - 1
+        while first > 0 and len("\n".join(lines[first - 1:i - 1])) <= context_chars:
+            first -= 1
+        context = "\n".join(lines[first:i - 1]).strip()
+        near = sorted(set(names[max(0, k - nearby // 2):k + nearby // 2 + 1]) - {gold})
+        others = sorted(set(names) - {gold} - set(near))
+        pick = rng.sample(near, min(len(near), n_choices - 1))
+        pick += rng.sample(others, n_choices - 1 - len(pick))
+        answer = rng.randrange(n_choices)
+        pick.insert(answer, gold)
+        items.append(MCItem(f"speaker-{i}", context, tuple(f"{name}:\n{lines[i + 1]}" for name in pick), answer))
+    return items
+
+
 def task_config(name: str, jsonl: Path, delimiter: str = " ") -> dict:
     """lm-eval's task YAML as a dict: a local JSONL test split, scored by log-likelihood of each choice.
 
