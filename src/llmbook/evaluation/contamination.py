@@ -213,6 +213,10 @@ def finetuning_text(name: str = "sft-full") -> str:
     Worth checking too: the verifiable task makes its prompts from lines of
     *both whole books*, so the post-trained models (SFT, and DPO and GRPO built
     on it) read lines from the books' held-out ends as instruction inputs.
+    Measured on the book task (100 items per book): no item shares a 13-gram
+    with this text, because its lines are 4-12 words long and a 13-gram cannot
+    see them; with n = 8, 16 of the Shakespeare items and 40 of the Austen
+    items share at least one. The choice of n decides what a check can find.
     """
     from llmbook.posttrain import sft
 
