@@ -27,7 +27,8 @@ Sections (``--only`` one of them):
   tokens per target pass, speed-up, identical outputs. The issue's target: >= 1.5x
   with the best k.
 * **compile**: torch.compile of each block for greedy decoding vs eager
-  (tokens/s, compile seconds, same tokens) or the reason it was skipped.
+  (tokens/s, compile seconds with an empty Inductor cache, same tokens) or the
+  reason it was skipped.
 
 The models are the book's cached ones (trained once into ``$LLMBOOK_CACHE_DIR``).
 Timings are wall-clock: the load average is recorded before and after each
@@ -154,6 +155,8 @@ def speculative_section() -> dict:
 
 
 def compile_section() -> dict:
+    # a fresh Inductor cache: a warm on-disk cache from an earlier run would make compiling look nearly free
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_")
     model, _ = english()
     result = compiled.compiled_decode(model, prompt_len=16, new_tokens=64)
     say(result.skipped or f"eager {result.eager_tokens_per_s:.0f} vs compiled {result.compiled_tokens_per_s:.0f} "

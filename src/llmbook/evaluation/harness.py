@@ -26,6 +26,8 @@ imports ``lm_eval``: a local YAML + JSONL task then never touches the network.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -185,7 +187,9 @@ def run_task(model: GPT, tokenizer: Tokenizer, task_dir: str | Path, name: str, 
     manager = _task_manager(task_dir, name)
     for logger in ("lm-eval", "lm_eval"):
         logging.getLogger(logger).setLevel(logging.WARNING)
-    loaded = manager.load([name])
+    # the datasets builder and lm-eval draw progress bars on stderr for a few hundred items: noise in a notebook
+    with contextlib.redirect_stderr(io.StringIO()):
+        loaded = manager.load([name])
     for task in loaded["tasks"].values():  # what simple_evaluate does for a zero-shot run
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
@@ -193,8 +197,9 @@ def run_task(model: GPT, tokenizer: Tokenizer, task_dir: str | Path, name: str, 
     lm = LlmbookLM(model, tokenizer, batch_size=batch_size)
     # evaluator.evaluate, not simple_evaluate: the latter also records the environment (pip, git, a subprocess
     # per tool), ~4 s of bookkeeping per call that a table of five models cannot afford
-    results = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=1000,
-                       verbosity="WARNING")
+    with contextlib.redirect_stderr(io.StringIO()):
+        results = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=1000,
+                           verbosity="WARNING")
     samples = sorted(results["samples"][name], key=lambda s: s["doc_id"])
     per_item = []
     for s in samples:

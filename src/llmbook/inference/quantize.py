@@ -375,52 +375,6 @@ def _prefix_id(tokenizer) -> int | None:
     return getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
 
 
-@torch.no_grad()
-def bits_per_byte(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 8) -> float:
-    """Bits per UTF-8 byte of ``texts``, each token scored once with a simple full-window loss.
-
-    Each text is ``<|endoftext|>`` + its tokens, cut into windows of the
-    context length that do not overlap (the first token of a window sees only
-    what is in its window: a little pessimistic; the chapter's
-    ``evaluation.perplexity.bits_per_byte`` slides the window). Without an
-    ``<|endoftext|>`` token the first token of each text is context only, and
-    its bytes are not counted.
-    """
-    if not texts:
-        raise ValueError("bits_per_byte needs at least one text")
-    ctx = model.cfg.context_length
-    prefix = _prefix_id(tokenizer)
-    windows: list[list[int]] = []  # each ctx + 1 tokens at most: inputs [:-1], targets [1:]
-    n_bytes = 0
-    for text in texts:
-        ids = tokenizer.encode_ordinary(text)
-        if prefix is not None:
-            ids = [prefix, *ids]
-            n_bytes += len(text.encode("utf-8"))
-        else:
-            n_bytes += len(tokenizer.decode(ids[1:]).encode("utf-8"))
-        windows += [ids[i: i + ctx + 1] for i in range(0, len(ids) - 1, ctx)]
-    if n_bytes == 0:
-        raise ValueError("the texts have no bytes to score")
-    was_training = model.training
-    model.eval()
-    nats = 0.0
-    try:
-        windows.sort(key=len)  # windows of one length batch together
-        i = 0
-        while i < len(windows):
-            j = i
-            while j < len(windows) and j - i < batch_size and len(windows[j]) == len(windows[i]):
-                j += 1
-            batch = torch.tensor(windows[i:j], dtype=torch.long)  # (B, T + 1)
-            logits, _ = model(batch[:, :-1])  # (B, T, V)
-            nats += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
-            i = j
-    finally:
-        model.train(was_training)
-    return nats / math.log(2) / n_bytes
-
-
 def decode_tokens_per_s(model: GPT, prompt: Sequence[int], new_tokens: int = 64, vocab_size: int | None = None,
                         repeats: int = 2, threads: int | None = None) -> tuple[float, list[int]]:
     """Greedy decoding speed with the KV cache (best of ``repeats`` after a warm-up) and the tokens it wrote.
@@ -456,7 +410,7 @@ def measure_quantized(
 
     bytes: ``model_nbytes`` (torch-int8: its serialized state_dict, as its packed
     weights are neither parameters nor buffers); linear_bytes: the linears'
-    share (``linear_nbytes``). bpb: ``bits_per_byte`` on ``texts``; delta_bpb:
+    share (``linear_nbytes``). bpb: ``evaluation.perplexity.bits_per_byte`` on ``texts``; delta_bpb:
     minus float32's. tokens_per_s: greedy decoding of ``new_tokens`` after the
     first ``prompt_tokens`` tokens of ``texts[0]`` (CPU, ``threads`` threads or
     this process's; best of ``repeats``). same_argmax and max_logit_diff: against float32 on the
@@ -466,6 +420,7 @@ def measure_quantized(
     so the rest says little). A scheme that cannot run here (torch-int8 without
     torch.ao) gets None numbers and a note.
     """
+    from llmbook.evaluation.perplexity import bits_per_byte
     from llmbook.inference.torch_quant import agreement, torch_dynamic_int8
 
     unknown = set(schemes) - {"fp32", "int8", "int4", "torch-int8"}
@@ -494,7 +449,7 @@ def measure_quantized(
                          "tokens_per_s": None, "same_argmax": None, "max_logit_diff": None, "greedy_prefix": None,
                          "note": note})
             continue
-        bpb = bits_per_byte(m, tokenizer, texts)
+        bpb = bits_per_byte(m, tokenizer, texts).bpb
         tps, out = decode_tokens_per_s(m, prompt, new_tokens, vocab, repeats, threads)
         if scheme == "fp32":
             base_bpb, base_tokens = bpb, out
