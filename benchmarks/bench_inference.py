@@ -132,7 +132,7 @@ def quantization() -> dict:
     rows = quantize.measure_quantized(model, tok, docs, new_tokens=128, repeats=3)
     for r in rows:
         say(f"{r['scheme']:>10}: {r['bytes']} bytes, bpb {r['bpb']}, {r['tokens_per_s']} tokens/s, "
-            f"same greedy {r['same_greedy']} {r['note'] or ''}")
+            f"same argmax {r['same_argmax']}, greedy prefix {r['greedy_prefix']} {r['note'] or ''}")
     int8 = next(r for r in rows if r["scheme"] == "int8")
     return {"documents": len(docs), "rows": rows, "int8_delta_bpb_target": 0.01,
             "int8_meets_target": abs(int8["delta_bpb"]) <= 0.01}
@@ -192,7 +192,8 @@ def main() -> int:
     for name in todo:
         say(f"== {name}")
         before, t0 = load_average(), time.perf_counter()
-        result[name] = {"date": now(), **runners[name](), "seconds": round(time.perf_counter() - t0, 1),
+        result[name] = {"date": now(), "machine": machine_line(), **runners[name](),
+                        "seconds": round(time.perf_counter() - t0, 1),
                         "load_average_before": before, "load_average_after": load_average()}
     result["load_average_at_end"] = load_average()
     result["total_seconds"] = round(time.perf_counter() - started, 1)

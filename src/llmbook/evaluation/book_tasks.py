@@ -119,6 +119,20 @@ def _swapped(rng: random.Random, gold: str, k: int) -> list[str]:
     return out
 
 
+def _enough_variants(gold: str, k: int, kind: str) -> bool:
+    """Whether ``gold`` has ``k`` distinct distractors of ``kind`` ("Sound, sound, sound, sound!" has 2 swaps, not 3).
+
+    Checked before items are drawn, so a line that cannot make an item is never picked.
+    """
+    tokens = gold.split()
+    if kind == "swapped":
+        swaps = {" ".join([*tokens[:i], tokens[i + 1], tokens[i], *tokens[i + 2:]]) for i in range(len(tokens) - 1)}
+        return len(swaps - {" ".join(tokens)}) >= k
+    if kind == "shuffled":
+        return len(set(tokens)) >= 3 or (len(set(tokens)) == 2 and len(tokens) >= 4)  # 3 distinct words: 5 orders
+    return True
+
+
 def _item(rng: random.Random, item_id: str, context: str, gold: str, pool: Sequence[str], n_choices: int,
           kind: str = "lines") -> MCItem:
     if kind == "swapped":
@@ -142,7 +156,7 @@ def _shakespeare_items(n: int, seed: int, context_chars: int, n_choices: int, ki
     pool = [lines[i] for i in range(len(lines)) if spoken(i) and 20 <= len(lines[i]) <= 80]
     # a gold line continues a speech (the line before it is text, not a blank) and has a few lines of context
     candidates = [i for i in range(8, len(lines)) if spoken(i) and 20 <= len(lines[i]) <= 80 and lines[i - 1].strip()
-                  and len(lines[i].split()) >= 4]
+                  and len(lines[i].split()) >= 4 and _enough_variants(lines[i], n_choices - 1, kind)]
     rng = random.Random(f"{seed}:shakespeare")
     items = []
     for i in _pick(rng, candidates, n, "lines"):
@@ -178,7 +192,7 @@ def _austen_items(n: int, seed: int, context_chars: int, n_choices: int, kind: s
             sentences.append((match.start() + offset, sentence, k > 0))
     pool = [s for _, s, _ in sentences if 30 <= len(s) <= 150]
     candidates = [j for j, (offset, s, mid) in enumerate(sentences) if mid and 30 <= len(s) <= 150
-                  and offset >= context_chars]
+                  and offset >= context_chars and _enough_variants(s, n_choices - 1, kind)]
     rng = random.Random(f"{seed}:austen")
     items = []
     for j in _pick(rng, candidates, n, "sentences"):
