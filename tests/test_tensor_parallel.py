@@ -30,7 +30,11 @@ B, T, STEPS = 2, 16, 3
 HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
 WD = 0.1
 TOL = dict(atol=1e-5, rtol=1e-5)  # one forward/backward: float32 with another summation order
-STEP_TOL = dict(atol=3e-5, rtol=1e-5)  # after Adam steps (see tests/test_zero.py: Adam magnifies tiny gradients)
+# After Adam steps. Adam divides by sqrt(v), so for a weight whose gradient is near zero a float32 difference in
+# summation order becomes an update difference of up to lr (1e-3) per step (see tests/test_zero.py). Measured: under
+# 3e-5 on earlier machines, 3.95e-5 on an Intel Xeon of 2026-12 (the same for ours and PyTorch's, against the unsharded
+# model). 1e-4 is still a tenth of how far the steps move the weights (asserted > 1e-3): a wrong shard would not pass.
+STEP_TOL = dict(atol=1e-4, rtol=1e-5)
 
 
 def batch(step: int, cfg: ModelConfig) -> tuple[Tensor, Tensor]:
