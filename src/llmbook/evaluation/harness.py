@@ -41,22 +41,11 @@ from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 
 from llmbook.bpe.tokenizer import Tokenizer  # noqa: E402
-from llmbook.evaluation.likelihood import loglikelihoods, rolling_loglikelihood  # noqa: E402
+from llmbook.evaluation.likelihood import default_prefix_id, loglikelihoods, rolling_loglikelihood  # noqa: E402
 from llmbook.generate import stream  # noqa: E402
 from llmbook.model import GPT  # noqa: E402
 
-
-def prefix_id(tokenizer: Tokenizer) -> int:
-    """The token that stands before a document: ``<|endoftext|>`` if the tokenizer has it, else the newline's id.
-
-    lm-eval conditions the first token of a document (and a continuation with
-    an empty context) on this token. The reference model's tokenizer has no
-    special tokens; in its text a newline is what separates speeches, so it is
-    the closest thing to "a new document starts here".
-    """
-    if "<|endoftext|>" in tokenizer.special_tokens:
-        return tokenizer.special_tokens["<|endoftext|>"]
-    return tokenizer.encode_ordinary("\n")[0]
+prefix_id = default_prefix_id  # one rule for both scorers: <|endoftext|>, else the newline (likelihood.py)
 
 
 class LlmbookLM(TemplateLM):

@@ -43,8 +43,8 @@ def default_prefix_id(tokenizer: Tokenizer) -> int:
 
     lm-eval conditions a document's first token (and a continuation with an empty context) on the tokenizer's
     end-of-text token. The reference model's tokenizer has no special tokens; in its text a newline is what
-    separates speeches, the closest thing to "a new document starts here" (llmbook.evaluation.harness uses the
-    same rule, so both scorers condition on the same token).
+    separates speeches, the closest thing to "a new document starts here" (llmbook.evaluation.harness's
+    ``prefix_id`` is this function, so both scorers condition on the same token).
     """
     if ENDOFTEXT in tokenizer.special_tokens:
         return tokenizer.special_tokens[ENDOFTEXT]
