@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llmbook.inference.decode_cost import _greedy_run, _param_dtype
 from llmbook.model import GPT
 
 
@@ -62,20 +63,10 @@ class CompiledDecode:
 
 
 def _decode(model: GPT, prompt: torch.Tensor, new_tokens: int) -> tuple[list[int], float]:
-    """Greedy decoding with the KV cache: the new tokens and the seconds per decode step (prefill not counted)."""
-    caches = model.new_caches(1, prompt.shape[1] + new_tokens)
-    out = []
-    with torch.no_grad():
-        logits, _ = model(prompt, caches=caches)  # prefill: (1, T0, V)
-        tok = logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
-        out.append(int(tok))
-        start = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            logits, _ = model(tok, caches=caches)  # (1, 1, V)
-            tok = logits[:, -1].argmax(dim=-1, keepdim=True)
-            out.append(int(tok))
-        per_step = (time.perf_counter() - start) / max(new_tokens - 1, 1)
-    return out, per_step
+    """Greedy decoding with the KV cache (``decode_cost``'s loop): the new tokens and the mean seconds per decode
+    step (prefill not counted)."""
+    _, steps, tokens = _greedy_run(model, prompt, new_tokens, use_cache=True, dtype=_param_dtype(model))
+    return tokens[0], statistics.fmean(steps)
 
 
 def compiler_missing() -> str | None:
