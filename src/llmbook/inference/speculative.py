@@ -44,7 +44,10 @@ costs mostly a fixed Python and kernel-launch overhead per layer, so even a
 one-layer draft costs about a third of the four-layer target (c ≈ 0.37), and
 it agrees with the target's greedy token about half the time. Then the best
 k is small (1-2) and the speed-up modest; ``expected_speedup`` says what α and
-c would be needed for more (α ≈ 0.85 with c ≈ 0.37 for 1.5x).
+c would be needed for more (α ≈ 0.85 with c ≈ 0.37 for 1.5x). A draft with
+no layers, ``ngram_draft.NgramDraft`` (counts from the training data and the
+text so far), is accepted about as often at k = 1 and costs almost nothing
+(c ≈ 0), so its best k is larger and its speed-up too.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ import torch
 from torch import Tensor
 
 from llmbook.generate import apply_temperature, filter_top_k, filter_top_p, generate, mask_padding
+from llmbook.inference.ngram_draft import NgramDraft
 from llmbook.model import GPT
+
+Draft = GPT | NgramDraft  # a neural draft with its own KV cache, or n-gram counts (``ngram_draft``)
 
 
 @dataclass
@@ -169,7 +175,7 @@ def _probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
     return torch.softmax(logits, dim=-1)
 
 
-def _check(target: GPT, draft: GPT, prompt: Sequence[int], max_new_tokens: int, k: int, temperature: float,
+def _check(target: GPT, draft: Draft, prompt: Sequence[int], max_new_tokens: int, k: int, temperature: float,
            vocab_size: int | None) -> None:
     if k < 1:
         raise ValueError(f"k (draft tokens per round) must be at least 1, got {k}")
@@ -177,7 +183,13 @@ def _check(target: GPT, draft: GPT, prompt: Sequence[int], max_new_tokens: int, 
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if target.cfg.vocab_size != draft.cfg.vocab_size:
+    if isinstance(draft, NgramDraft):
+        if draft.vocab_size > target.cfg.vocab_size:
+            raise ValueError(
+                f"the n-gram draft was counted over ids up to {draft.vocab_size - 1}, past the target's "
+                f"{target.cfg.vocab_size} ids: count it over tokens from the target's tokenizer"
+            )
+    elif target.cfg.vocab_size != draft.cfg.vocab_size:
         raise ValueError(
             f"the draft's vocabulary ({draft.cfg.vocab_size} ids) differs from the target's ({target.cfg.vocab_size}): "
             "the draft must be trained with the target's tokenizer so that its token ids mean the same"
@@ -189,7 +201,7 @@ def _check(target: GPT, draft: GPT, prompt: Sequence[int], max_new_tokens: int, 
         raise ValueError("the prompt needs at least one token (e.g. the <|endoftext|> id)")
     total = len(prompt) + max_new_tokens
     for name, model in (("target", target), ("draft", draft)):
-        if total > model.cfg.context_length:
+        if isinstance(model, GPT) and total > model.cfg.context_length:
             raise ValueError(
                 f"the prompt ({len(prompt)} tokens) plus max_new_tokens={max_new_tokens} is {total}, more than the "
                 f"{name}'s context_length={model.cfg.context_length}; shorten the prompt or generate fewer tokens"
@@ -197,7 +209,7 @@ def _check(target: GPT, draft: GPT, prompt: Sequence[int], max_new_tokens: int, 
 
 
 def speculative_generate(
-    target: GPT, draft: GPT, prompt: Sequence[int] | Tensor, max_new_tokens: int, k: int = 4,
+    target: GPT, draft: Draft, prompt: Sequence[int] | Tensor, max_new_tokens: int, k: int = 4,
     temperature: float = 0.0, generator: torch.Generator | None = None, vocab_size: int | None = None,
     stop_tokens: Sequence[int] = (), top_k: int | None = None, top_p: float | None = None,
 ) -> SpecResult:
@@ -209,6 +221,8 @@ def speculative_generate(
     applied to the draft's distribution too). Stops after max_new_tokens or
     through the first stop token. Prompt + max_new_tokens must fit in both
     models' context length, and both must share the vocabulary, else ValueError.
+    ``draft`` is a ``GPT`` (it keeps a KV cache, rolled back like the
+    target's) or an ``NgramDraft`` (its proposals are one-hot: q(x) = 1).
     """
     prompt = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
     _check(target, draft, prompt, max_new_tokens, k, temperature, vocab_size)
@@ -222,17 +236,28 @@ def speculative_generate(
     stops = set(stop_tokens)
     greedy = temperature == 0
     V = vocab_size or target.cfg.vocab_size  # greedy: argmax over the first V ids is argmax after mask_padding
-    training = [m for m in (target, draft) if m.training]  # .train()/.eval() walk every module: only if needed
+    neural = isinstance(draft, GPT)
+    # .train()/.eval() walk every module: only where needed
+    training = [m for m in (target, draft) if isinstance(m, GPT) and m.training]
     for m in training:
         m.eval()
     try:
         with torch.inference_mode():
-            t_caches, d_caches = target.new_caches(1, total), draft.new_caches(1, total)
+            t_caches = target.new_caches(1, total)
+            d_caches = draft.new_caches(1, total) if neural else []
+            state = None if neural else draft.start(prompt)
             q_rows = None if greedy else torch.empty(k, target.cfg.vocab_size, device=device)  # reused every round
             while n < total:
                 kk = min(k, total - n - 1)  # never propose past max_new_tokens: the round's bonus token is the last
-                # 1. the draft proposes kk tokens, one forward each; the first feeds what its cache lacks (1-2 tokens)
-                for i in range(kk):
+                # 1. the draft proposes kk tokens; a neural one with one forward each, whose first feeds what its
+                # cache lacks (1-2 tokens); an n-gram one with dictionary lookups, q one-hot at its proposals
+                if not neural and kk:
+                    proposals = torch.tensor(state.propose(kk), dtype=torch.long, device=device)
+                    seq[0, n : n + kk] = proposals
+                    if not greedy:
+                        q_rows[:kk] = 0.0
+                        q_rows[torch.arange(kk, device=device), proposals] = 1.0
+                for i in range(kk if neural else 0):
                     logits, _ = draft(seq[:, d_caches[0].length : n + i], caches=d_caches)  # (1, T_new, V)
                     if greedy:
                         seq[0, n + i] = logits[0, -1, :V].argmax()
@@ -262,6 +287,8 @@ def speculative_generate(
                     c.length = n - 1
                 for c in d_caches:
                     c.length = min(c.length, n - 1)
+                if state is not None:
+                    state.extend(new)
                 if stops and not stops.isdisjoint(new):
                     first = next(i for i, t in enumerate(new) if t in stops)
                     result.tokens += new[: first + 1]
@@ -298,14 +325,15 @@ def expected_speedup(tokens_per_round: float, k: int, cost_ratio: float) -> floa
 
 
 def measure_speedup(
-    target: GPT, draft: GPT, prompts: Sequence[Sequence[int]], ks: Sequence[int] = range(1, 9),
+    target: GPT, draft: Draft, prompts: Sequence[Sequence[int]], ks: Sequence[int] = range(1, 9),
     max_new_tokens: int = 64, vocab_size: int | None = None, repeats: int = 1, threads: int | None = 1,
 ) -> list[dict]:
     """Greedy speculative decoding vs plain greedy decoding with the KV cache, one dict per k.
 
     Each prompt is decoded by ``llmbook.generate.generate`` (the baseline),
-    by ``speculative_generate`` for every k, and by the draft alone with
-    ``generate``, interleaved (baseline, draft, k=1, ..., k=8, baseline again,
+    by ``speculative_generate`` for every k, and by the draft alone (a
+    neural one with ``generate``, an n-gram one proposing one token at a
+    time and committing it), interleaved (baseline, draft, k=1, ..., k=8, baseline again,
     per prompt), so that a machine busy with other work slows all of them
     alike; a speed-up is a ratio of total times. Every dict has ``k``,
     ``acceptance`` (accepted / proposed), ``tokens_per_call`` (new tokens per
@@ -328,14 +356,24 @@ def measure_speedup(
         torch.set_num_threads(old_threads)
 
 
-def _measure(target: GPT, draft: GPT, prompts: Sequence[Sequence[int]], ks: list[int], max_new_tokens: int,
+def _draft_alone(draft: Draft, prompt: list[int], max_new_tokens: int, vocab_size: int | None) -> list[int]:
+    """The draft decoding on its own, greedy: what one draft step costs, timed by ``_measure``."""
+    if isinstance(draft, GPT):
+        return generate(draft, [prompt], max_new_tokens, temperature=0.0, vocab_size=vocab_size)[0]
+    state = draft.start(prompt)
+    for _ in range(max_new_tokens):
+        state.extend(state.propose(1))
+    return state.tokens[len(prompt):]
+
+
+def _measure(target: GPT, draft: Draft, prompts: Sequence[Sequence[int]], ks: list[int], max_new_tokens: int,
              vocab_size: int | None, repeats: int) -> list[dict]:
     base_time, base_tokens, draft_time, draft_tokens = 0.0, 0, 0.0, 0
     stats = {k: {"time": 0.0, "tokens": 0, "proposed": 0, "accepted": 0, "calls": 0, "identical": True} for k in ks}
 
-    def plain(model: GPT, prompt: list[int]) -> tuple[float, list[int]]:
+    def plain(model: Draft, prompt: list[int]) -> tuple[float, list[int]]:
         start = time.perf_counter()
-        out = generate(model, [prompt], max_new_tokens, temperature=0.0, vocab_size=vocab_size)[0]
+        out = _draft_alone(model, prompt, max_new_tokens, vocab_size)
         return time.perf_counter() - start, out
 
     for _ in range(repeats):
