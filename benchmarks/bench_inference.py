@@ -59,9 +59,10 @@ if "LLMBOOK_DATA_DIR" not in os.environ and _SHARED.is_dir():
 
 import torch  # noqa: E402
 
-from llmbook import pretrained  # noqa: E402
+from llmbook import loader, pretrained  # noqa: E402
 from llmbook.evaluation import book_tasks, suite  # noqa: E402
 from llmbook.inference import compiled, decode_cost, quantize, speculative, workload  # noqa: E402
+from llmbook.inference.ngram_draft import NgramDraft  # noqa: E402
 from llmbook.notebook import machine_summary  # noqa: E402
 
 
@@ -139,19 +140,32 @@ def quantization() -> dict:
 
 
 def speculative_section() -> dict:
-    model, tok = english()
+    """Both drafts on the same prompts: the one-layer neural draft, and the n-gram draft (training-data counts)."""
+    run = pretrained.load("english", progress=False)
+    model, tok = run.model, run.tokenizer
     draft = pretrained.load("english-draft", progress=False).model
+    prepared = loader.prepare_data(run.config.dataset, run.config.tokenizer)
+    ngram = NgramDraft.fit(prepared.train, order=3)
     prompts = [tok.encode_ordinary(d[:200]) for d in suite.held_out_documents("austen", 12, doc_chars=400)]
-    rows = speculative.measure_speedup(model, draft, prompts, ks=range(1, 9), max_new_tokens=96,
-                                       vocab_size=tok.vocab_size, repeats=2)
-    for r in rows:
-        say(f"k={r['k']}: acceptance {r['acceptance']:.2f}, {r['tokens_per_call']:.2f} tokens per target pass, "
-            f"{r['speedup']:.2f}x, identical {r['identical']}")
-    best = max(rows, key=lambda r: r["speedup"])
+    out = {}
+    for name, d in (("neural", draft), ("ngram", ngram)):
+        rows = speculative.measure_speedup(model, d, prompts, ks=range(1, 9), max_new_tokens=96,
+                                           vocab_size=tok.vocab_size, repeats=2)
+        for r in rows:
+            say(f"{name} k={r['k']}: acceptance {r['acceptance']:.2f}, {r['tokens_per_call']:.2f} tokens per "
+                f"target pass, {r['speedup']:.2f}x, identical {r['identical']}")
+        best = max(rows, key=lambda r: r["speedup"])
+        out[name] = {"rows": rows, "best_k": best["k"], "best_speedup": best["speedup"],
+                     "identical": all(r["identical"] for r in rows)}
+    best = max(out.values(), key=lambda o: o["best_speedup"])
     return {"target": "english", "draft": "english-draft", "target_params": model.num_params(),
-            "draft_params": draft.num_params(), "prompts": len(prompts), "max_new_tokens": 96, "rows": rows,
-            "best_k": best["k"], "best_speedup": best["speedup"], "target_speedup": 1.5,
-            "meets_target": best["speedup"] >= 1.5}
+            "draft_params": draft.num_params(), "prompts": len(prompts), "max_new_tokens": 96,
+            # the one-layer draft's rows at the top level, as before; the n-gram draft's under "ngram"
+            "rows": out["neural"]["rows"], "best_k": out["neural"]["best_k"],
+            "best_speedup": out["neural"]["best_speedup"],
+            "ngram": {"draft": "NgramDraft.fit(english training tokens, order=3), lookup on",
+                      "contexts": [len(t) for t in ngram.tables], **out["ngram"]},
+            "target_speedup": 1.5, "meets_target": best["best_speedup"] >= 1.5 and best["identical"]}
 
 
 def compile_section() -> dict:
