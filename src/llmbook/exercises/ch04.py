@@ -1,4 +1,9 @@
-"""Checks for Chapter 4's exercises: causal attention, the KV cache's size, RoPE, repeat_kv.
+"""Checks for Chapter 4's exercises: causal attention, the KV cache's size, RoPE, repeat_kv, whole layers.
+
+Exercises 4.9 and 4.10 have the reader assemble a layer whose parameters are
+named like ``llmbook.attention.MultiHeadAttention``'s, so the check loads the
+library layer's weights into it and compares outputs, gradients and (4.10)
+decoding with a KV cache.
 
 Every expected value comes from ``llmbook.attention`` and ``llmbook.rope``,
 which the test suite checks against PyTorch, so a check and the chapter can
@@ -329,3 +334,251 @@ def check_causal_self_attention(CausalSelfAttention):
                                      f"{name} differs by up to {err:.3g}; is part of the forward computed "
                                      "outside autograd (.detach(), .data, numpy) or with constants that "
                                      "stand in for the weights?")
+
+
+# ---------------------------------------------------------------------------
+# 4.10 assemble it yourself: multi-head attention with GQA and a KV cache
+# ---------------------------------------------------------------------------
+
+# (B, T, d_model, n_heads, n_kv_heads, bias, rope): MHA first, then GQA and MQA, RoPE last, so that a mistake is
+# named on the first, simplest case that shows it (tests/test_exercises_ch04.py proves each is told apart there)
+_GQA_CASES = [
+    (1, 5, 8, 2, 2, False, False),
+    (2, 6, 16, 4, 4, False, False),
+    (2, 7, 24, 6, 2, True, False),
+    (1, 8, 32, 4, 2, False, True),
+    (2, 6, 16, 4, 1, False, True),
+    (1, 1, 16, 4, 2, False, True),  # a single token
+]
+_DECODE_CHUNKS = (3, 1, 1, 2)  # a prompt of 3 tokens, two single tokens, then 2 tokens at once
+_DECODE_SPANS = [(sum(_DECODE_CHUNKS[:i]), sum(_DECODE_CHUNKS[: i + 1])) for i in range(len(_DECODE_CHUNKS))]
+
+# the hints of the mistakes _gqa_by_hand can switch on, in the order the check tries them
+_GQA_HINTS = {
+    "no_proj": "the output projection is missing: return self.proj(y), which mixes the heads back into d_model",
+    "proj_transposed": "the output projection's weight is used transposed: nn.Linear computes y @ W.T + b; "
+                       "call self.proj(y)",
+    "no_scale": "the scores are not scaled: multiply q kᵀ by 1/sqrt(head_dim)",
+    "scale_d_model": "scale by 1/sqrt(head_dim), the width of one head (d_model // n_heads), not 1/sqrt(d_model)",
+    "no_mask": "every query sees every key: the causal mask is missing (hide the keys j > i with -inf)",
+    "future_visible": "the causal mask is off by one: query i sees key i + 1; hide keys j > i, "
+                      "torch.ones(T, T_k).tril(diagonal=T_k - T) keeps the rest",
+    "diagonal_masked": "the causal mask is off by one: it hides the diagonal, but query i must see itself, "
+                       "keys j <= i; torch.ones(T, T_k).tril(diagonal=T_k - T) is what may be seen",
+    "flipped": "the causal mask is flipped: query i may see keys j <= i (lower triangle), not j >= i",
+    "qk_swapped": "q and k are swapped: self.qkv(x) holds q, then k, then v along the last dim",
+    "kv_swapped": "k and v are swapped: self.qkv(x) holds q (n_heads * head_dim), then k, then v "
+                  "(n_kv_heads * head_dim each)",
+    "q_last": "wrong split order of the fused qkv: it holds q (n_heads * head_dim) first, then k, then v "
+              "(n_kv_heads * head_dim each)",
+    "qkv_grouped": "wrong split order of the fused qkv: it is not grouped per k/v head; split it into "
+                   "[n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim] for q, k, v",
+    "repeat_tiled": "the k/v heads are tiled [a, b, a, b], but query head h uses k/v head h // (n_heads // "
+                    "n_kv_heads), so copies must be adjacent [a, a, b, b]: repeat_interleave, not repeat",
+    "split_view": "(B, T, n * head_dim) cannot be reshaped straight to (B, n, T, head_dim): view it as "
+                  "(B, T, n, head_dim), then transpose(1, 2)",
+    "merge_view": "merge the heads back by transposing (B, n_heads, T, head_dim) to (B, T, n_heads, head_dim) "
+                  "before reshaping to (B, T, d_model)",
+    "softmax_queries": "take the softmax over the keys, the last dim (dim=-1)",
+}
+_CACHE_HINTS = {
+    "cache_ignored": "with a cache the new tokens attend only to themselves: append their k, v to the cache and "
+                     "attend over every stored key",
+    "mask_top_left": "with a cache the causal mask must be offset: the T new queries are the last T of the T_k "
+                     "positions, so query i sees keys j <= T_k - T + i: torch.ones(T, T_k).tril(diagonal=T_k - T)",
+    "no_mask_with_cache": "with a cache the new tokens still need the causal mask among themselves (a prompt "
+                          "of several tokens, or several new tokens at once)",
+    "rope_not_offset": "with a cache the new tokens sit at positions cache length .. cache length + T - 1: "
+                       "rotate q and k with self.rope(q, start), start = the number of tokens already cached",
+}
+
+
+def _gqa_by_hand(ref: attention.MultiHeadAttention, x: Tensor, mistake: str | None = None,
+                 past: dict[str, Tensor] | None = None) -> Tensor:
+    """``ref``'s forward written out, with one typical mistake switched on by name.
+
+    ``past`` holds the keys and values of earlier tokens (``{"k", "v"}``, ``(B, Hkv, t, hs)``, after RoPE) and is
+    extended in place: decoding chunk by chunk with it is the KV cache.
+    """
+    B, T, C = x.shape
+    H, Hkv, hs = ref.n_heads, ref.n_kv_heads, ref.head_dim
+    fused = ref.qkv(x)  # (B, T, (H + 2 Hkv) hs)
+    if mistake == "qkv_grouped":  # [q of the group's heads, k, v] per k/v head
+        g = H // Hkv
+        parts = fused.view(B, T, Hkv, g + 2, hs)
+        q, k, v = (parts[:, :, :, :g].reshape(B, T, H * hs), parts[:, :, :, g].reshape(B, T, Hkv * hs),
+                   parts[:, :, :, g + 1].reshape(B, T, Hkv * hs))
+    else:
+        sizes = [Hkv * hs, Hkv * hs, H * hs] if mistake == "q_last" else [H * hs, Hkv * hs, Hkv * hs]
+        a, b, c = fused.split(sizes, dim=-1)
+        q, k, v = {"q_last": (c, a, b), "kv_swapped": (a, c, b), "qk_swapped": (b, a, c)}.get(mistake, (a, b, c))
+
+    def heads(t: Tensor, n: int) -> Tensor:  # (B, T, n hs) -> (B, n, T, hs)
+        return t.reshape(B, n, T, hs) if mistake == "split_view" else t.view(B, T, n, hs).transpose(1, 2)
+
+    q, k, v = heads(q, H), heads(k, Hkv), heads(v, Hkv)
+    cached = past is not None and mistake != "cache_ignored"
+    start = past["k"].shape[2] if cached else 0
+    if ref.rope is not None:
+        position = 0 if mistake == "rope_not_offset" else start
+        q, k = ref.rope(q, position), ref.rope(k, position)
+    if cached:
+        k, v = torch.cat([past["k"], k], dim=2), torch.cat([past["v"], v], dim=2)  # (B, Hkv, T_k, hs)
+        past["k"], past["v"] = k, v
+    t_k = k.shape[2]
+    repeat = (lambda t: t.repeat(1, H // Hkv, 1, 1)) if mistake == "repeat_tiled" else (
+        lambda t: t.repeat_interleave(H // Hkv, dim=1))
+    k, v = repeat(k), repeat(v)  # (B, H, T_k, hs)
+    scale = {"no_scale": 1.0, "scale_d_model": 1 / math.sqrt(C)}.get(mistake, 1 / math.sqrt(hs))
+    offset = 0 if mistake == "mask_top_left" else t_k - T
+    offset += {"future_visible": 1, "diagonal_masked": -1}.get(mistake, 0)
+    keep = torch.ones(T, t_k, dtype=torch.bool).tril(diagonal=offset)
+    if mistake == "flipped":
+        keep = torch.ones(T, t_k, dtype=torch.bool).triu(diagonal=t_k - T)
+    if mistake == "no_mask" or (mistake == "no_mask_with_cache" and past is not None):
+        keep = torch.ones(T, t_k, dtype=torch.bool)
+    scores = (q @ k.transpose(-2, -1) * scale).masked_fill(~keep, float("-inf"))  # (B, H, T, T_k)
+    y = attention.softmax(scores, dim=-2 if mistake == "softmax_queries" else -1) @ v  # (B, H, T, hs)
+    y = y.reshape(B, T, C) if mistake == "merge_view" else y.transpose(1, 2).reshape(B, T, C)
+    if mistake == "no_proj":
+        return y
+    if mistake == "proj_transposed":
+        return y @ ref.proj.weight + (0 if ref.proj.bias is None else ref.proj.bias)
+    return ref.proj(y)
+
+
+def _decode_by_hand(ref: attention.MultiHeadAttention, x: Tensor, mistake: str | None = None) -> Tensor:
+    past = {"k": x.new_zeros(x.shape[0], ref.n_kv_heads, 0, ref.head_dim)}
+    past["v"] = past["k"]
+    return torch.cat([_gqa_by_hand(ref, x[:, a:b], mistake, past) for a, b in _DECODE_SPANS], dim=1)
+
+
+def _same(got: Tensor, wrong: Tensor) -> bool:
+    return got.shape == wrong.shape and bool(torch.allclose(got, wrong, atol=1e-4, rtol=1e-3))
+
+
+def _gqa_hint(got: Tensor, candidates: dict[str, Tensor], hints: dict[str, str]) -> str:
+    for name, wrong in candidates.items():
+        if _same(got, wrong):
+            return f"; {hints[name]}"
+    return ""
+
+
+def _gqa_reference(d_model: int, n_heads: int, n_kv_heads: int, bias: bool, use_rope: bool,
+                   seed: int) -> attention.MultiHeadAttention:
+    """The library's layer with weights larger than nn.Linear's init, so that every mistake shows."""
+    rotary = RotaryEmbedding(d_model // n_heads, max_seq_len=64) if use_rope else None
+    ref = attention.MultiHeadAttention(d_model, n_heads, n_kv_heads, bias=bias, rope=rotary)
+    with torch.no_grad():
+        for i, p in enumerate(ref.parameters()):
+            p.copy_(_random(*p.shape, seed=seed + i) * 0.5)
+    return ref
+
+
+def _load_reference(layer, ref: attention.MultiHeadAttention, what: str) -> dict[str, Tensor]:
+    """Check the reader's parameters have the library's names and shapes, load the library's weights."""
+    if not isinstance(layer, torch.nn.Module):
+        raise AssertionError(f"MultiHeadAttention({what}) should be an nn.Module, got {type(layer).__name__}; "
+                             "subclass nn.Module and call super().__init__() first")
+    expected = {name: tuple(p.shape) for name, p in ref.named_parameters()}
+    theirs = dict(layer.named_parameters())
+    got = {name: tuple(p.shape) for name, p in theirs.items()}
+    if got != expected:
+        transposed = {name: shape[::-1] for name, shape in got.items()}
+        hint = ("; nn.Linear stores its weight as (out_features, in_features), yours are transposed"
+                if transposed == expected else
+                "; self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim) for q of every query "
+                "head and k, v of every k/v head, self.proj = nn.Linear(d_model, d_model), biases only if bias")
+        raise AssertionError(f"MultiHeadAttention({what}) has the parameters {got}, but the check loads "
+                             f"{expected}{hint}")
+    layer.load_state_dict(ref.state_dict(), strict=False)  # buffers of the reader's own may stay
+    return theirs
+
+
+def _check_gradients(layer_params: dict[str, Tensor], ref: attention.MultiHeadAttention, x_theirs: Tensor,
+                     x_ref: Tensor, what: str) -> None:
+    pairs = [("the input x", x_theirs.grad, x_ref.grad)]
+    pairs += [(f"the weight {name}", layer_params[name].grad, p.grad) for name, p in ref.named_parameters()]
+    for name, got_grad, ref_grad in pairs:
+        if got_grad is None:
+            raise AssertionError(f"no gradient reached {name}: keep every step of the forward in autograd "
+                                 "(no .detach(), .data, .item() or torch.no_grad())")
+        if not _grad_close(got_grad, ref_grad):
+            err = (got_grad.float() - ref_grad).abs().max().item()
+            raise AssertionError(f"MultiHeadAttention({what}): the outputs match, but the gradient of {name} "
+                                 f"differs by up to {err:.3g}; is part of the forward computed outside autograd?")
+
+
+def _check_decoding(layer, ref: attention.MultiHeadAttention, x: Tensor, what: str) -> None:
+    """Token-by-token decoding with the reader's cache must equal the library's full recomputation."""
+    B, T, _ = x.shape
+    try:
+        cache = layer.new_cache(B, T)
+    except AttributeError as exc:
+        raise AssertionError(f"MultiHeadAttention has no working new_cache(batch_size, max_len): {exc}") from None
+    with torch.no_grad():
+        expected = ref(x)
+        try:
+            pieces = [layer(x[:, a:b], cache=cache) for a, b in _DECODE_SPANS]
+        except TypeError as exc:
+            raise AssertionError(f"forward(x, cache=...) failed with TypeError: {exc}; forward must accept "
+                                 "cache=None and the cache that new_cache returns") from None
+        for (a, b), piece in zip(_DECODE_SPANS, pieces, strict=True):
+            _returned_tensor(piece, "MultiHeadAttention.forward", (B, b - a, x.shape[-1]),
+                             f"{b - a} new tokens with a cache, {what}")
+        got = torch.cat([p.float() for p in pieces], dim=1)
+        if _same(got, expected):
+            return
+        candidates = {name: _decode_by_hand(ref, x, name) for name in _CACHE_HINTS}
+    err = (got - expected).abs().nan_to_num(float("inf")).max().item()
+    hint = _gqa_hint(got, candidates, _CACHE_HINTS)
+    steps = " + ".join(map(str, _DECODE_CHUNKS))
+    raise AssertionError(f"MultiHeadAttention({what}): decoding {steps} tokens with the cache differs from the "
+                         f"full forward by up to {err:.3g}{hint}")
+
+
+def _check_forward(layer, params: dict[str, Tensor], ref: attention.MultiHeadAttention, x: Tensor,
+                   what: str, seed: int) -> None:
+    """The reader's output and the gradients of x and every weight must be the library's."""
+    B, T, C = x.shape
+    x_theirs, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    ref.zero_grad(set_to_none=True)
+    out = layer(x_theirs)
+    out = _returned_tensor(out, "MultiHeadAttention.forward", (B, T, C), f"x of shape {(B, T, C)}, {what}")
+    expected = ref(x_ref)
+    if not torch.equal(x_theirs.detach(), x):
+        raise AssertionError("forward changed its input x; compute new tensors instead")
+    if not _same(out.detach(), expected.detach()):
+        got = out.detach()
+        err = (got - expected.detach()).abs().nan_to_num(float("inf")).max().item()
+        if torch.isnan(got).any():
+            hint = ("; NaN in the output: a query whose keys are all masked gives 0/0; the causal mask is off "
+                    f"by one, it hides the diagonal: {_GQA_HINTS['diagonal_masked']}")
+        else:
+            with torch.no_grad():
+                names = [n for n in _GQA_HINTS if n != "qk_swapped" or ref.n_heads == ref.n_kv_heads]
+                hint = _gqa_hint(got, {n: _gqa_by_hand(ref, x, n) for n in names}, _GQA_HINTS)
+        raise AssertionError(f"MultiHeadAttention({what}) on x of shape {(B, T, C)} differs from "
+                             f"llmbook.attention.MultiHeadAttention by up to {err:.3g}{hint}")
+    if not out.requires_grad:
+        raise AssertionError("the output does not require grad: do not detach, use .data, or wrap the "
+                             "forward in torch.no_grad(); the layer must be trainable")
+    upstream = _random(B, T, C, seed=seed)
+    (out * upstream).sum().backward()
+    (expected * upstream).sum().backward()
+    _check_gradients(params, ref, x_theirs, x_ref, what)
+
+
+@exercise("4.10", solution="MultiHeadAttention")
+def check_multi_head_attention(MultiHeadAttention):
+    for seed, (B, T, C, H, Hkv, bias, use_rope) in enumerate(_GQA_CASES):
+        what = f"d_model={C}, n_heads={H}, n_kv_heads={Hkv}, bias={bias}" + (", with RoPE" if use_rope else "")
+        ref = _gqa_reference(C, H, Hkv, bias, use_rope, seed=700 + 10 * seed)
+        layer = MultiHeadAttention(C, H, n_kv_heads=Hkv, bias=bias, rope=ref.rope)
+        params = _load_reference(layer, ref, what)
+        _check_forward(layer, params, ref, _random(B, T, C, seed=800 + seed), what, seed=900 + seed)
+        # the decoding sequence: first all at once (the full recomputation), then chunk by chunk with the cache
+        x_decode = _random(B, sum(_DECODE_CHUNKS), C, seed=1000 + seed)
+        _check_forward(layer, params, ref, x_decode, what, seed=1100 + seed)
+        _check_decoding(layer, ref, x_decode, what)
