@@ -17,23 +17,12 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+from exercise_helpers import one_line_error as _one_line_error
+from exercise_helpers import starter as _starter
 from scipy.integrate import quad
 
 from llmbook.exercises import ch02
 from llmbook.pipeline.text import jaccard, word_shingles
-
-
-def _starter(*args, **kwargs):
-    raise NotImplementedError("your solution goes here")
-
-
-def _one_line_error(check, *solutions) -> str:
-    with pytest.raises(AssertionError) as info:
-        check.strict(*solutions)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
-
 
 # ---------------------------------------------------------------------------------------------- 2.1
 

@@ -12,16 +12,12 @@ import math
 
 import pytest
 import torch
+from exercise_helpers import starter as _starter
 from torch import nn
 
 from llmbook.exercises import ch09
 from llmbook.posttrain.masking import IGNORE_INDEX
 from llmbook.posttrain.templates import ALPACA, CHATML, Message
-
-
-def _starter(*args, **kwargs):
-    raise NotImplementedError("your solution goes here")
-
 
 # ---------------------------------------------------------------------------------------------- 9.1
 

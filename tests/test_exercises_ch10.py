@@ -14,21 +14,10 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from exercise_helpers import one_line_error as _one_line_error
+from exercise_helpers import starter as _starter
 
 from llmbook.exercises import ch10
-
-
-def _starter(*args, **kwargs):
-    raise NotImplementedError("your solution goes here")
-
-
-def _one_line_error(check, *solutions) -> str:
-    with pytest.raises(AssertionError) as info:
-        check.strict(*solutions)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
-
 
 # ---------------------------------------------------------------------------------------------- references
 

@@ -16,31 +16,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from exercise_helpers import one_line_error as _one_line_error
+from exercise_helpers import passes_and_starter_not_attempted as _passes_and_starter_not_attempted
+from exercise_helpers import starter as _starter
 
 from llmbook.exercises import ch11
 from llmbook.generate import generate
-
-
-def _starter(*args, **kwargs):
-    raise NotImplementedError("your solution goes here")
-
-
-def _one_line_error(check, *solutions) -> str:
-    with pytest.raises(AssertionError) as info:
-        check.strict(*solutions)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
-
-
-def _passes_and_starter_not_attempted(capsys, check, number, solutions, starters):
-    check(*solutions)
-    check(*starters)
-    out = capsys.readouterr().out
-    assert f"Exercise {number}: all checks passed" in out and f"Exercise {number}: not attempted yet" in out
-    with pytest.raises(NotImplementedError):
-        check.strict(*starters)
-
 
 # ---------------------------------------------------------------------------------------------- references
 
