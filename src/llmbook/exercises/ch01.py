@@ -132,54 +132,42 @@ PLAN_KEYS = ("params", "flops_per_token", "states", "activations", "total")
 
 
 def _plan_cases() -> list[tuple[planning.ModelShape, int, int, str]]:
-    """(shape, batch_size, seq_len, precision): toys with distinct numbers first, then real shapes."""
+    """(shape, batch_size, seq_len, precision) for GPT-2-style shapes: toys with distinct numbers first."""
     toy_gpt = planning.ModelShape("toy-gpt", vocab_size=10, context_length=8, d_model=4, n_layers=1,
                                   n_heads=2)
-    toy_llama = planning.ModelShape("toy-llama", vocab_size=12, context_length=16, d_model=8, n_layers=2,
-                                    n_heads=4, n_kv_heads=2, d_ff=12, mlp="swiglu", norm="rmsnorm",
-                                    positions="rope", bias=False, tied_embeddings=False)
+    toy_nobias = planning.ModelShape("toy-gpt-nobias", vocab_size=12, context_length=16, d_model=8,
+                                     n_layers=2, n_heads=4, bias=False)
     S = planning.PRESETS
     return [
         (toy_gpt, 2, 8, "fp32"),
-        (toy_llama, 3, 5, "bf16"),
+        (toy_nobias, 3, 5, "bf16"),
         (S["nanogpt-char-cpu"], 4, 32, "autocast"),  # LayerNorm without bias; seq_len < context
         (S["gpt2-124M"], 8, 1024, "mixed"),
-        (S["tinyllama-1.1B"], 1, 2048, "autocast"),  # grouped-query attention
-        (S["llama2-70B"], 1, 4096, "bf16"),
+        (S["laptop-gpt"], 2, 128, "bf16"),
+        (S["gpt2-1.5B"], 1, 1024, "autocast"),
     ]
 
 
 def _params_hint(shape: planning.ModelShape, diff: int) -> str:
-    d, L, V = shape.d_model, shape.n_layers, shape.vocab_size
-    kv, ff = shape.kv_heads * shape.head_dim, shape.ff_dim
-    n_mats = 3 if shape.mlp == "swiglu" else 2
-    one_norm = 2 * d if (shape.norm == "layernorm" and shape.bias) else d
-    known: dict[int, str] = {}
-    if shape.tied_embeddings:
-        known[V * d] = "the output head is tied to the token embedding: count that matrix once"
+    d, L, V, T = shape.d_model, shape.n_layers, shape.vocab_size, shape.context_length
+    one_norm = 2 * d if shape.bias else d
+    known: dict[int, str] = {
+        V * d: "the output head is tied to the token embedding: count that matrix once",
+        -V * d: "the token embedding (vocab_size x d_model) is missing",
+        -T * d: "the learned position table (context_length x d_model) is missing",
+        -one_norm: "the final LayerNorm is missing",
+        -2 * L * one_norm: "the two LayerNorms of each block are missing",
+    }
+    if shape.bias:
+        known.setdefault(-L * 9 * d, "each block's biases (9·d_model: 4d in attention, 5d in the MLP) are missing")
+        known.setdefault(-(2 * L + 1) * d, "a LayerNorm with bias=True has a shift too: 2·d_model parameters")
     else:
-        known[-V * d] = ("a vocab_size x d_model matrix is missing: the token embedding, or the "
-                         "untied output head (tied_embeddings=False)")
-    if shape.positions == "rope":
-        known[shape.context_length * d] = "RoPE has no parameters: no position table"
-    else:
-        known[-shape.context_length * d] = "the learned position table (context_length x d_model) is missing"
-    if kv != d:
-        known[2 * L * d * (d - kv)] = ("with grouped-query attention K and V are d_model x "
-                                       "(n_kv_heads·head_dim), not d_model x d_model")
-    if shape.mlp == "swiglu":
-        known[-L * d * ff] = "SwiGLU has three matrices (gate, up, down), not two"
-    if one_norm == d:
-        known[(2 * L + 1) * d] = ("this norm has a scale only (RMSNorm, or LayerNorm with bias=False): "
-                                  "d_model parameters, not 2·d_model")
-    if not shape.bias:
-        known[L * (2 * d + 2 * kv + (n_mats - 1) * ff + d)] = "bias=False: the shape has no biases"
-    if shape.d_ff is not None and shape.d_ff != 4 * d:
-        known[L * n_mats * d * (4 * d - ff)] = "use shape.d_ff (when set) for the MLP width, not 4·d_model"
-    known.setdefault(-one_norm, "the final norm is missing")
-    known.setdefault(-2 * L * one_norm, "the two norms of each block are missing")
-    return known.get(diff, "attention 2·d² + 2·d·kv_dim, MLP (2 or 3)·d·d_ff, norms, embeddings, "
-                           "and an output head when untied")
+        known.setdefault((2 * L + 1) * d, "with bias=False a LayerNorm has a scale only: d_model parameters, "
+                                          "not 2·d_model")
+        known.setdefault(L * 9 * d, "bias=False: the shape's matrices have no biases")
+        known.setdefault(L * 11 * d + d, "bias=False: no biases and no LayerNorm shifts")
+    return known.get(diff, "attention 4·d², MLP 8·d², biases and LayerNorm shifts when bias=True, "
+                           "embeddings, learned positions and a final LayerNorm")
 
 
 def _flops_hint(shape: planning.ModelShape, seq_len: int, got: float, expected: float, params: int):
