@@ -1,4 +1,4 @@
-"""Checks for Chapter 3's exercises: pair counts, merges, a tiny BPE trainer, decoding, encoding.
+"""Checks for Chapter 3's exercises: pair counts, merges, a tiny BPE trainer, decoding, encoding, the whole BPE.
 
 Every expected value comes from ``llmbook.bpe`` (``get_stats``, ``merge``,
 ``train_bpe``, ``Tokenizer.decode``, ``Tokenizer.encode_ordinary``), so a check and the chapter can never
@@ -8,11 +8,12 @@ disagree. When an answer is wrong, the check tries to name the usual mistake
 
 from __future__ import annotations
 
+from collections import Counter
 from functools import cache
 
 from llmbook import data
 from llmbook.bpe import Tokenizer, train_bpe
-from llmbook.bpe.pretokenize import pretokenize
+from llmbook.bpe.pretokenize import count_pretokens, pretokenize, split_on_special
 from llmbook.bpe.train import get_stats
 from llmbook.bpe.train import merge as reference_merge
 from llmbook.exercises import exercise
@@ -279,3 +280,207 @@ def check_make_encoder(make_encoder):
                 raise AssertionError(f"{tok.name} tokenizer, {what}: got {got[:16]}{'...' if len(got) > 16 else ''}, "
                                      f"expected {expected[:16]}{'...' if len(expected) > 16 else ''}"
                                      f"{_encode_hint(encode, tok, text, got)}")
+
+
+# ---------------------------------------------------------------------------------------------- 3.10
+
+SPECIAL = "<|endoftext|>"
+
+
+def shakespeare_documents(start: int, n_chars: int) -> str:
+    """``n_chars`` characters of Tiny Shakespeare from ``start``, its speeches joined by <|endoftext|>.
+
+    Speeches are cut at blank lines, so the text holds a special token every few lines, as a corpus of
+    many short documents does.
+    """
+    return SPECIAL.join(data.read_text("tinyshakespeare")[start : start + n_chars].split("\n\n"))
+
+
+def train_cases() -> list[tuple[str, str, int, tuple[str, ...]]]:
+    """(what, text, vocab_size, special tokens): small texts that expose one mistake each, then real text.
+
+    "aaaa aaaa aaaa" catches stale counts (merge 2 uses pairs that merge 1 consumed) and an overlapping
+    merge ("aaaa" -> [aa, aa, aa, a] makes tokens no text holds); "abab cdcd" is a tie between (a, b) and
+    (c, d), which the greater bytes break for (c, d); "hi<|endoftext|>" has one pair outside its special tokens.
+    """
+    return [
+        ("'aaaa aaaa aaaa'", "aaaa aaaa aaaa", 256 + 3, ()),
+        ("'abab cdcd abab cdcd' (a tie at merge 1)", "abab cdcd abab cdcd", 256 + 2, ()),
+        ("'aaabdaaabac' (a tie at merge 2)", "aaabdaaabac", 256 + 3, ()),
+        ("'hi<|endoftext|>' five times", "hi<|endoftext|>" * 5, 256 + 2 + 1, (SPECIAL,)),
+        ("50,000 characters of Tiny Shakespeare with <|endoftext|> between speeches",
+         shakespeare_documents(0, 50_000), 256 + 128 + 1, (SPECIAL,)),
+    ]
+
+
+def encode_texts() -> list[tuple[str, str]]:
+    """(what, text): edge cases of pre-tokenization, special tokens, and 4,000 characters of real text."""
+    return [
+        *ENCODE_TEXTS,
+        ("a special token between words", f"Hello{SPECIAL}World"),
+        ("two special tokens in a row", f"{SPECIAL}{SPECIAL} the end"),
+        ("a special token between spaces", f"a {SPECIAL} b"),
+        ("an unfinished special token (text)", "<|endoftext| and <|end"),
+        ("4,000 characters of Tiny Shakespeare (held out) with <|endoftext|>",
+         shakespeare_documents(1_000_000, 4_000)),
+    ]
+
+
+@cache
+def _shakespeare_bpe() -> Tokenizer:
+    """The library's tokenizer trained on the last training case (Tiny Shakespeare with special tokens)."""
+    _, text, vocab_size, specials = train_cases()[-1]
+    vocab, merges = train_bpe(text, vocab_size, specials, workers=1)
+    return Tokenizer(vocab, merges, specials, name="tiny-shakespeare-128")
+
+
+def _words_after(text: str, specials: tuple[str, ...], merges: list[tuple[bytes, bytes]]) -> tuple[Counter, dict]:
+    """Training's state after ``merges``: each distinct pre-token as a tuple of ids, with its count; bytes -> id."""
+    token_id = {bytes([b]): b for b in range(256)}
+    words = Counter({tuple(w): n for w, n in count_pretokens(text, "gpt2", specials).items()})
+    for k, (a, b) in enumerate(merges):
+        token_id.setdefault(a + b, 256 + k)
+        pair = (token_id[a], token_id[b])
+        words = Counter({tuple(reference_merge(list(w), pair, token_id[a + b])): n for w, n in words.items()})
+    return words, token_id
+
+
+def _train_hint(text: str, specials: tuple[str, ...], got: list, expected: list, k: int) -> str:
+    """Name the likely mistake behind the first wrong merge, ``got[k]`` instead of ``expected[k]``."""
+    g = got[k]
+    if not (isinstance(g, tuple) and len(g) == 2 and all(isinstance(x, bytes) for x in g)):
+        return "; each merge is a pair of bytes, such as (b' ', b't'), not ids or strings"
+    joined = g[0] + g[1]
+    if joined not in text.encode("utf-8"):
+        return (f"; overlapping pairs merged wrongly: merge {k + 1} spells {joined!r}, which is nowhere in the text; "
+                "merge left to right and skip both ids of a merged pair ('aaa' with (a, a) -> [aa, a])")
+    ordinary = [w for w in count_pretokens(text, "gpt2", specials) if joined in w]
+    if not ordinary:
+        if any(joined in piece.encode("utf-8") for piece in pretokenize(text)):
+            return (f"; special tokens split wrongly: merge {k + 1}, {g!r}, comes from a special token counted as "
+                    "text; cut the text at the special tokens first, and never count or merge them")
+        return (f"; pre-tokenized wrongly: merge {k + 1}, {g!r}, spans two pre-tokens; count pairs only inside the "
+                "pieces regex.findall(GPT2_PATTERN, text) gives, never across them")
+    if k >= len(expected):
+        return ""
+    words, token_id = _words_after(text, specials, expected[:k])
+    counts: Counter = Counter()
+    for w, n in words.items():
+        for pair, m in get_stats(w).items():
+            counts[pair] += m * n
+    ids = lambda p: (token_id.get(p[0]), token_id.get(p[1]))  # noqa: E731
+    mine, want = counts.get(ids(g), 0), counts[ids(expected[k])]
+    if mine == want:
+        return (f"; ties broken differently: {g!r} and {expected[k]!r} both occur {want} times; on equal counts "
+                "take the greater pair of bytes, max(counts, key=lambda p: (counts[p], vocab[p[0]], vocab[p[1]]))")
+    return (f"; stale pair counts: after merge {k}, {g!r} occurs {mine} times and {expected[k]!r} {want} times; "
+            "count the pairs anew after every merge (a merge removes pairs and makes new ones)")
+
+
+def _check_training(bpe_train) -> None:
+    for what, text, vocab_size, specials in train_cases():
+        want_vocab, want = train_bpe(text, vocab_size, specials, workers=1)
+        result = bpe_train(text, vocab_size, specials)
+        _returned_none(result, "bpe_train")
+        if not (isinstance(result, tuple | list) and len(result) == 2 and isinstance(result[0], dict)):
+            raise AssertionError(f"bpe_train should return (vocab, merges): a dict id -> bytes and a list of pairs, "
+                                 f"got {type(result).__name__}")
+        vocab, got = result[0], [tuple(m) if isinstance(m, list) else m for m in result[1]]
+        if got != want:
+            k = next((i for i, (g, e) in enumerate(zip(got, want, strict=False)) if g != e), min(len(got), len(want)))
+            if k == len(got):
+                raise AssertionError(f"{what}: {len(got)} merges, expected {len(want)}; learn vocab_size - 256 - "
+                                     "len(special_tokens) merges, or fewer when no pair is left")
+            shown = f"merge {k + 1} is {got[k]!r}, expected {want[k]!r}" if k < len(want) else (
+                f"{len(got)} merges, expected {len(want)}; stop when no pre-token has a pair left")
+            raise AssertionError(f"{what}: {shown}{_train_hint(text, specials, got, want, k)}")
+        if vocab != want_vocab:
+            wrong = sorted(i for i in set(vocab) | set(want_vocab) if vocab.get(i) != want_vocab.get(i))
+            i = wrong[0]
+            hint = ("; the special tokens take the last ids, in the order given, after the merged tokens"
+                    if i >= 256 + len(want) else "; byte b is id b, and merge k (from 0) makes id 256 + k")
+            raise AssertionError(f"{what}: the merges are right, but vocab[{i}] is {vocab.get(i)!r}, expected "
+                                 f"{want_vocab.get(i)!r}{hint}")
+
+
+def _merge_by(ids: list[int], ranks: dict, merged: dict, choose) -> list[int]:
+    """Merge one pre-token, picking the pair to merge next with ``choose(pairs that have a merge)``."""
+    while True:
+        pairs = [p for p in zip(ids, ids[1:], strict=False) if p in ranks]
+        if not pairs:
+            return ids
+        ids = reference_merge(ids, choose(pairs), merged[choose(pairs)])
+
+
+def _by_frequency(pairs: list) -> tuple[int, int]:
+    counts = Counter(pairs)
+    return max(counts, key=counts.__getitem__)  # ties: the first seen, the leftmost
+
+
+def _encode_hint(encode, tok: Tokenizer, text: str, got: list, expected: list) -> str:
+    """Name the likely mistake behind a wrong encoding of ``text`` (``encode(text)`` gave ``got``)."""
+    if any(not isinstance(i, int) for i in got):
+        return "; return the token ids as ints, not bytes or strings"
+    if any(i not in tok.vocab for i in got) or tok.decode_bytes(got) != text.encode("utf-8"):
+        return ("; your ids do not spell the text: take each token's id from the vocab (bytes -> id), for every "
+                "byte too, since GPT-2's byte b is not id b")
+    specials = tuple(tok.special_tokens)
+    if any(s in text for s in specials) and got == tok.encode_ordinary(text):
+        return ("; special token encoded as text: '<|endoftext|>' became ordinary tokens; cut the text at the "
+                "special tokens first and give each its id from special_tokens")
+    pieces = split_on_special(text, specials)
+    if [i for p in pieces for i in encode(p)] != got:
+        return ""
+    for piece in pieces:
+        if piece in specials:
+            continue
+        if [i for pre in pretokenize(piece) for i in encode(pre)] == tok.encode_ordinary(piece) != encode(piece):
+            return ("; pre-tokenized wrongly: every pre-token alone encodes right, so merges crossed pre-token "
+                    "boundaries; merge inside each piece of regex.findall(GPT2_PATTERN, text) only")
+        for pre in pretokenize(piece):
+            mine, want = list(encode(pre)), tok.encode_ordinary(pre)
+            if mine == want:
+                continue
+            start = [tok._encoder[bytes([b])] for b in pre.encode("utf-8")]
+            shown = (f"; the first wrong pre-token is {pre!r}: got {[tok.vocab[i] for i in mine]}, expected "
+                     f"{[tok.vocab[i] for i in want]}")
+            if mine in (_merge_by(start, tok._ranks, tok._merged, _by_frequency),
+                        _merge_by(start, tok._ranks, tok._merged, lambda pairs: pairs[0])):
+                return (shown + "; merged by frequency (or the leftmost pair) at encode time instead of by rank: "
+                        "merge the pair learned earliest (the lowest rank) first, wherever it is")
+            return shown + "; merge the lowest-ranked pair first, every occurrence, until no pair has a merge"
+    return ""
+
+
+def _check_encoding(bpe_encode, tok: Tokenizer, reference, texts) -> None:
+    vocab, merges, specials = dict(tok.vocab), list(tok.merges), dict(tok.special_tokens)
+    for what, text in texts:
+        expected = tok.encode(text, allowed_special="all")
+        assert expected == reference.encode(text, allowed_special="all"), "llmbook.bpe and tiktoken disagree (a bug)"
+        encode = lambda t: bpe_encode(t, vocab, merges, specials)  # noqa: E731
+        got = encode(text)
+        _returned_none(got, "bpe_encode")
+        if not isinstance(got, list | tuple):
+            raise AssertionError(f"bpe_encode should return a list of ids, got {type(got).__name__}")
+        if vocab != tok.vocab or merges != tok.merges or specials != tok.special_tokens:
+            raise AssertionError("bpe_encode changed the vocab, merges or special tokens it was given; leave them")
+        got = list(got)
+        if got != expected:
+            i = next((i for i, (g, e) in enumerate(zip(got, expected, strict=False)) if g != e),
+                     min(len(got), len(expected)))
+            raise AssertionError(f"{tok.name} tokenizer, {what}: {len(got)} ids, expected {len(expected)}; from id "
+                                 f"{i} on got {got[i:i + 8]}, expected {expected[i:i + 8]}"
+                                 f"{_encode_hint(encode, tok, text, got, expected)}")
+
+
+@exercise("3.10", solution="bpe_train")
+def check_bpe(bpe_train, bpe_encode):
+    """Train on real text and compare the merges with ``train_bpe``; encode and compare with llmbook.bpe and tiktoken.
+
+    The encoder is tried with our Shakespeare tokenizer (byte b is id b) and with GPT-2's, whose vocabulary
+    and merges come from tiktoken's ranks and whose ids tiktoken itself gives.
+    """
+    _check_training(bpe_train)
+    shakespeare = _shakespeare_bpe()
+    _check_encoding(bpe_encode, shakespeare, shakespeare.to_tiktoken(), encode_texts())
+    _check_encoding(bpe_encode, _gpt2(), data.tiktoken_encoding("gpt2"), encode_texts())
