@@ -1,4 +1,4 @@
-"""Checks for Chapter 7's exercises: the cosine schedule, an AdamW step, gradient clipping, a stable loss, a loop.
+"""Checks for Chapter 7's exercises: the schedule, an AdamW step, clipping, a stable loss, two training loops.
 
 The expected values come from ``llmbook.schedule`` and from PyTorch itself
 (``torch.optim.AdamW``, ``torch.nn.utils.clip_grad_norm_``,
@@ -11,20 +11,25 @@ by comparing it with the wrong answers those mistakes produce.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import random
+import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmbook import loader
+from llmbook import data, loader
 from llmbook.exercises import exercise
 from llmbook.exercises.tensors import random_tensor as _random
 from llmbook.model import GPT
-from llmbook.optim import AdamW, clip_grad_norm, param_groups
+from llmbook.optim import AdamW, ForeachAdamW, clip_grad_norm, param_groups
 from llmbook.schedule import CosineSchedule, set_lr
+from llmbook.train import TrainConfig, Trainer
 
 # ---------------------------------------------------------------------------
 # 7.1 cosine learning rate with warmup
@@ -437,3 +442,350 @@ def _check_train_loop(train_loop):
             hint = ("; check the order: backward, clip, set the step's rate, AdamW update with bias correction "
                     f"(betas {_LOOP_BETAS}, eps {_LOOP_EPS}), decay only the decay group, zero the gradients")
         raise AssertionError(f"{what}: {where}; largest parameter difference {worst:.3g} in {name}{hint}")
+
+
+# ---------------------------------------------------------------------------
+# 7.12 assemble it yourself: the trainer's loop, with gradient accumulation
+# ---------------------------------------------------------------------------
+
+ASSEMBLE_TEXT_CHARS = 8000  # a few KB of Tiny Shakespeare: enough distinct windows, seconds to train on
+# (accumulation_steps, grad_clip, warmup_steps, max_steps). The first two bracket the gradient norms of these
+# steps (2.9 at step 0, falling to 1.2): a clip of 2.5 acts only at step 0, where an undivided loss (k times
+# the gradient) is clipped at every step; a clip of 1.5 acts at most steps, where a doubly divided loss is not,
+# and clipping after each micro-batch acts too early. Adam's step hardly changes when every gradient of the run
+# is scaled alike, so only a clip that acts at some steps and not at others shows a wrong scale in the weights.
+# The third case: no accumulation, no clipping (grad_clip=0), no warmup.
+ASSEMBLE_CASES = [(2, 2.5, 2, 6), (3, 1.5, 2, 6), (1, 0.0, 0, 4)]
+ASSEMBLE_PARAM_TOL = 1e-4  # max |difference| of a weight; equivalent loops differ by ~1e-5, mistakes by >= 8e-4
+ASSEMBLE_LOSS_TOL = 1e-5  # relative, per step's loss
+
+
+def assemble_config(accumulation_steps: int = 2, grad_clip: float = 2.5, warmup_steps: int = 2,
+                    max_steps: int = 6) -> TrainConfig:
+    """The run the check trains twice: ``gpt-tiny`` on bytes, lr 1e-2 and weight decay 0.5, so a mistake shows."""
+    return TrainConfig(
+        name="exercise-7.12", model="gpt-tiny", tokenizer="bytes", context_length=32, batch_size=4,
+        accumulation_steps=accumulation_steps, max_steps=max_steps, lr=1e-2, warmup_steps=warmup_steps,
+        decay_steps=max_steps, weight_decay=0.5, grad_clip=grad_clip, device="cpu", threads=1, eval_interval=0,
+        sample_tokens=0,
+    )
+
+
+class _SmallTextTrainer(Trainer):
+    """The library's ``Trainer`` on the first few KB of Tiny Shakespeare, held in memory (no token cache written)."""
+
+    def load_data(self) -> loader.PreparedData:
+        text = data.read_text("tinyshakespeare")[:ASSEMBLE_TEXT_CHARS]
+        tokenizer = loader.make_tokenizer("bytes", "")
+        train, val = loader.split_text(text, self.cfg.val_fraction)
+        return loader.PreparedData(
+            dir=self.run_dir, tokenizer=tokenizer,
+            train=np.array(tokenizer.encode_ordinary(train), dtype=np.uint16),
+            val=np.array(tokenizer.encode_ordinary(val), dtype=np.uint16),
+            train_bytes=len(train.encode()), val_bytes=len(val.encode()),
+        )
+
+
+@dataclass
+class TrainerRun:
+    """What the library's ``Trainer`` did: its start model, its micro-batches in order, losses and weights per step."""
+
+    start: GPT
+    batches: list[tuple[Tensor, Tensor]]
+    losses: list[float]
+    params: list[list[Tensor]]  # params[s]: the weights after s optimizer steps
+
+
+@contextlib.contextmanager
+def _rng_kept():
+    """The Trainer seeds Python's, NumPy's and PyTorch's generators; give the reader's notebook its own back."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def _weights(model: torch.nn.Module) -> list[Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def trainer_run(cfg: TrainConfig) -> TrainerRun:
+    """``Trainer.train_step`` ``cfg.max_steps`` times, from the Trainer's own seeded initialization."""
+    with _rng_kept(), tempfile.TemporaryDirectory() as tmp:
+        trainer = _SmallTextTrainer(cfg, tmp, progress=False)
+        start = copy.deepcopy(trainer.raw_model)
+        batches = [trainer.get_batch(s, m) for s in range(cfg.max_steps) for m in range(cfg.accumulation_steps)]
+        losses, params = [], [_weights(trainer.raw_model)]
+        for _ in range(cfg.max_steps):
+            loss, _ = trainer.train_step()
+            losses.append(loss.item())
+            params.append(_weights(trainer.raw_model))
+    return TrainerRun(start, batches, losses, params)
+
+
+class WatchedBatches:
+    """The micro-batches, in order, for the reader's loop: records the weights and gradients at each draw.
+
+    What the loop has done by the time it asks for a batch shows what it got
+    wrong: weights that move between two micro-batches of one step were
+    updated too early; the gradient after the first micro-batch shows how the
+    loss was scaled.
+    """
+
+    def __init__(self, model: torch.nn.Module, batches: list[tuple[Tensor, Tensor]]):
+        self.model, self.batches, self.drawn = model, batches, 0
+        self.weights: list[list[Tensor]] = []  # at each draw
+        self.grads: list[list[Tensor] | None] = []  # at each draw; None when some parameter has no gradient
+
+    def __iter__(self) -> WatchedBatches:
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        if self.drawn == len(self.batches):
+            raise StopIteration
+        self.weights.append(_weights(self.model))
+        grads = [p.grad for p in self.model.parameters()]
+        self.grads.append(None if any(g is None for g in grads) else [g.detach().clone() for g in grads])
+        x, y = self.batches[self.drawn]
+        self.drawn += 1
+        return x.clone(), y.clone()
+
+
+def _max_diff(a: list[Tensor], b: list[Tensor]) -> float:
+    return max((p - q).abs().max().item() for p, q in zip(a, b, strict=True))
+
+
+def _relative(a: list[Tensor], b: list[Tensor]) -> float:
+    """|a - b| / |b| over all tensors together."""
+    num = math.sqrt(sum((p - q).double().pow(2).sum().item() for p, q in zip(a, b, strict=True)))
+    den = math.sqrt(sum(q.double().pow(2).sum().item() for q in b))
+    return num / max(den, 1e-30)
+
+
+# the mistakes the reference loop can make, each with the hint the check prints when the reader's weights match it
+ASSEMBLE_MISTAKES = {
+    "no_zero_grad": "the gradients were never cleared, so each step adds the gradients of every step before it: "
+                    "call optimizer.zero_grad() after optimizer.step()",
+    "zero_each_micro": "the gradients were cleared before each micro-batch, so only the last micro-batch's "
+                       "gradient is left: clear them once per step, after optimizer.step(), not inside the "
+                       "micro-batch loop",
+    "no_divide": "the micro-batch losses were not divided by accumulation_steps: backward of loss / k, so that the "
+                 "k gradients add up to the gradient of the whole batch's mean",
+    "divide_twice": "the loss was divided by accumulation_steps twice (loss / k², a gradient k times too small): "
+                    "divide each micro-batch's loss by k once",
+    "clip_each_micro": "the gradients were clipped before accumulation finished (after each micro-batch's "
+                       "backward): clip once per step, after all k backward passes, before optimizer.step()",
+    "no_clip": "the gradients were not clipped: clip them all together to the global norm cfg.grad_clip "
+               "(when it is > 0) after the last backward of the step, before optimizer.step()",
+    "schedule_ahead": "the schedule is one step ahead (the lr of step t+1 at step t): the first update uses the "
+                      "rate of step 0, cfg.lr·1/(cfg.warmup + 1)",
+    "warmup_from_zero": "warmup starts at zero (lr·step/warmup, so step 0 learns nothing): the rate of step t < "
+                        "warmup is cfg.lr·(t + 1)/(cfg.warmup + 1)",
+    "no_warmup": "there is no warmup: the rate rises linearly over the first cfg.warmup steps, "
+                 "cfg.lr·(t + 1)/(cfg.warmup + 1), and the cosine starts at step cfg.warmup",
+    "constant_lr": "the learning rate stayed at cfg.lr: set each step's rate from the schedule, warmup then "
+                   "cosine, in every parameter group (group['lr'] = ...) before optimizer.step()",
+    "floor_zero": "the cosine decays to zero; the library's ends at the floor cfg.min_lr_ratio·cfg.lr",
+    "decay_all": "weight decay was applied to every parameter; biases, norm gains and embeddings go in a group "
+                 "with weight_decay 0 (the rule of optim.param_groups)",
+    "decay_2d": "the embeddings were decayed (the rule 'every matrix', p.dim() >= 2, nanoGPT's); the library "
+                "decays only the weights of nn.Linear layers, and a tied lm_head is the embedding",
+    "no_decay": "no weight decay at all: the weights of the nn.Linear layers decay by cfg.weight_decay (the other "
+                "parameters by 0)",
+}
+
+
+def assemble_reference(model: GPT, batches, cfg: TrainConfig, mistake: str | None = None) -> list[float]:
+    """The Trainer's step (``forward_backward`` then ``optimizer_step``) as one loop, or one mistake of it.
+
+    With ``mistake=None`` it equals ``Trainer.train_step`` exactly (tests/test_exercises_ch07.py).
+    """
+    if mistake is not None and mistake not in ASSEMBLE_MISTAKES:
+        raise ValueError(f"unknown mistake {mistake!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, cfg.weight_decay)
+    if mistake in ("decay_all", "decay_2d", "no_decay"):
+        decay = [p for p in params if mistake == "decay_all" or (mistake == "decay_2d" and p.dim() >= 2)]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if all(p is not q for q in decay)], "weight_decay": 0.0}]
+    optimizer = ForeachAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+    warmup = 0 if mistake == "no_warmup" else cfg.warmup
+    schedule = CosineSchedule(cfg.lr, warmup, cfg.decay, 0.0 if mistake == "floor_zero" else cfg.min_lr_ratio)
+    batches, k, losses = iter(batches), cfg.accumulation_steps, []
+    for step in range(cfg.max_steps):
+        total = torch.zeros(())
+        for _ in range(k):
+            x, y = next(batches)
+            if mistake == "zero_each_micro":
+                optimizer.zero_grad(set_to_none=True)
+            _, loss = model(x, y)
+            scaled = {"no_divide": loss, "divide_twice": loss / k / k}.get(mistake, loss / k)
+            scaled.backward()
+            total += (loss / k).detach()
+            if mistake == "clip_each_micro" and cfg.grad_clip > 0:
+                clip_grad_norm(params, cfg.grad_clip)
+        if cfg.grad_clip > 0 and mistake not in ("no_clip", "clip_each_micro"):
+            clip_grad_norm(params, cfg.grad_clip)
+        if mistake == "schedule_ahead":
+            lr = schedule(step + 1)
+        elif mistake == "warmup_from_zero" and step < warmup:
+            lr = cfg.lr * step / warmup
+        else:
+            lr = cfg.lr if mistake == "constant_lr" else schedule(step)
+        set_lr(optimizer, lr)
+        optimizer.step()
+        if mistake != "no_zero_grad":
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(total.item())
+    return losses
+
+
+@exercise("7.12", solution="train_steps")
+def check_train_steps(train_steps):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small run several times slower when two threads contend
+    try:
+        for case in ASSEMBLE_CASES:
+            _check_train_steps(train_steps, assemble_config(*case))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_train_steps(train_steps, cfg: TrainConfig) -> None:
+    k, n = cfg.accumulation_steps, cfg.max_steps
+    what = (f"train_steps(gpt-tiny, {n * k} micro-batches, cfg: max_steps={n}, accumulation_steps={k}, "
+            f"warmup={cfg.warmup}, grad_clip={cfg.grad_clip})")
+    run = trainer_run(cfg)
+    model = copy.deepcopy(run.start)
+    batches = WatchedBatches(model, run.batches)
+    try:
+        got = train_steps(model, batches, cfg)
+    except StopIteration:
+        raise AssertionError(f"{what}: the loop asked for more than the {n * k} micro-batches there are "
+                             "(max_steps · accumulation_steps): draw one per micro-batch of each step") from None
+    if got is None:
+        raise AssertionError(f"{what} returned None; did you forget `return losses`?")
+    try:
+        got = [float(x) for x in got]
+    except (TypeError, ValueError):
+        raise AssertionError(f"{what} should return a list of {n} numbers (each step's loss), "
+                             f"got {got!r:.80}") from None
+    if batches.drawn != n * k:
+        raise AssertionError(f"{what}: the loop used {batches.drawn} of the {n * k} micro-batches; each of the "
+                             f"{n} steps takes accumulation_steps={k} of them, in order")
+    if len(got) != n:
+        raise AssertionError(f"{what} returned {len(got)} losses, expected one per optimizer step: {n}")
+    final = _weights(model)
+    losses_ok = all(math.isclose(g, e, rel_tol=ASSEMBLE_LOSS_TOL) for g, e in zip(got, run.losses, strict=True))
+    params_ok = _max_diff(final, run.params[-1]) <= ASSEMBLE_PARAM_TOL
+    if losses_ok and params_ok:
+        return
+    if _max_diff(final, run.params[0]) == 0.0:
+        raise AssertionError(f"{what}: the model's weights did not change; the loop must train the model it is "
+                             "given (optimizer.step() on model.parameters())")
+    hint = _observed_mistake(batches, run, cfg)
+    if hint is None and not params_ok:
+        hint = _simulated_mistake(final, run, cfg, skip_scale=_scale_seen_right(batches, run, cfg))
+    if hint is None and params_ok:
+        hint = _loss_mistake(got, run, cfg)
+    if hint is None:
+        hint = _where_it_differs(batches, final, run, cfg)
+    raise AssertionError(f"{what}: {hint}")
+
+
+def _observed_mistake(batches: WatchedBatches, run: TrainerRun, cfg: TrainConfig) -> str | None:
+    """A mistake seen directly in the weights or gradients at a draw, or None."""
+    k = cfg.accumulation_steps
+    for i, weights in enumerate(batches.weights):
+        step, micro = divmod(i, k)
+        if micro and _max_diff(weights, batches.weights[i - micro]) > 0:
+            return (f"the weights changed between micro-batches {micro - 1} and {micro} of step {step}: the "
+                    "optimizer stepped every micro-batch; step once per optimizer step, after all "
+                    f"accumulation_steps={k} backward passes")
+    if k < 2 or batches.grads[1] is None:
+        return None  # the gradient after the first micro-batch was not seen (one backward per step is allowed)
+    scale = _first_micro_gradient(run, cfg)
+    got = batches.grads[1]
+    if _relative(got, [g * k for g in scale]) < 1e-4:
+        return ASSEMBLE_MISTAKES["no_divide"]
+    if _relative(got, [g / k for g in scale]) < 1e-4:
+        return ASSEMBLE_MISTAKES["divide_twice"]
+    return None
+
+
+def _first_micro_gradient(run: TrainerRun, cfg: TrainConfig) -> list[Tensor]:
+    """The gradient after step 0's first micro-batch in the Trainer: that of its loss / accumulation_steps."""
+    model = copy.deepcopy(run.start)
+    x, y = run.batches[0]
+    _, loss = model(x, y)
+    (loss / cfg.accumulation_steps).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _scale_seen_right(batches: WatchedBatches, run: TrainerRun, cfg: TrainConfig) -> bool:
+    """Whether the gradient after the first micro-batch was seen, and is the Trainer's (the loss divided by k)."""
+    if cfg.accumulation_steps < 2 or batches.grads[1] is None:
+        return False
+    return _relative(batches.grads[1], _first_micro_gradient(run, cfg)) < 1e-4
+
+
+def _simulated_mistake(final: list[Tensor], run: TrainerRun, cfg: TrainConfig, skip_scale: bool) -> str | None:
+    """The hint of the first mistake whose loop ends at the reader's weights, or None."""
+    for mistake, hint in ASSEMBLE_MISTAKES.items():
+        if skip_scale and mistake in ("no_divide", "divide_twice"):
+            continue  # the gradient was seen to be scaled right: a wrong scale cannot be the reason
+        if mistake == "warmup_from_zero" and cfg.warmup == 0:
+            continue
+        model = copy.deepcopy(run.start)
+        assemble_reference(model, run.batches, cfg, mistake)
+        if _max_diff(final, _weights(model)) <= ASSEMBLE_PARAM_TOL:
+            return hint
+    return None
+
+
+def _loss_mistake(got: list[float], run: TrainerRun, cfg: TrainConfig) -> str | None:
+    """The weights are right and the losses are not: how were they recorded?"""
+    k = cfg.accumulation_steps
+    last = [F.cross_entropy(*_logits_targets(run, s, k - 1, cfg)).item() for s in range(cfg.max_steps)]
+
+    def close(values: list[float]) -> bool:
+        return all(math.isclose(g, v, rel_tol=1e-4) for g, v in zip(got, values, strict=True))
+
+    if k > 1 and close([k * e for e in run.losses]):
+        return ("the weights are right, but each loss is k times the step's loss: return the mean over the "
+                "micro-batches, the sum of loss / k, not the sum of the losses")
+    if k > 1 and close(last):
+        return "the weights are right, but each loss is the last micro-batch's: return the mean over all k of them"
+    if k > 1 and close([v / k for v in last]):
+        return ("the weights are right, but each loss is the last micro-batch's loss / k: add up loss / k over all "
+                "k micro-batches")
+    return ("the weights are right, but the losses differ: return each step's loss as a number, measured before "
+            "its update: the mean of its micro-batches' losses")
+
+
+def _logits_targets(run: TrainerRun, step: int, micro: int, cfg: TrainConfig) -> tuple[Tensor, Tensor]:
+    """The logits (flattened) of one micro-batch under the weights before ``step``, and its targets."""
+    model = copy.deepcopy(run.start)
+    with torch.no_grad():
+        for p, w in zip(model.parameters(), run.params[step], strict=True):
+            p.copy_(w)
+        x, y = run.batches[step * cfg.accumulation_steps + micro]
+        logits, _ = model(x)
+    return logits.flatten(0, 1), y.flatten()
+
+
+def _where_it_differs(batches: WatchedBatches, final: list[Tensor], run: TrainerRun, cfg: TrainConfig) -> str:
+    """No known mistake matches: say after which step the weights first differ, and what to look at."""
+    k = cfg.accumulation_steps
+    after = [batches.weights[s * k] for s in range(1, cfg.max_steps)] + [final]
+    first = next((s for s, w in enumerate(after, 1) if _max_diff(w, run.params[s]) > ASSEMBLE_PARAM_TOL), None)
+    where = (f"the weights agree with the Trainer's up to step {first - 1} and differ after step {first}"
+             if first is not None else "the weights agree, the losses do not")
+    worst = _max_diff(final, run.params[-1])
+    return (f"{where} (largest difference {worst:.3g}); check the order: for each of the k micro-batches "
+            "backward(loss / k); then clip the global norm, set the step's lr (warmup, cosine), optimizer.step(), "
+            "zero_grad(); decay only nn.Linear weights")
