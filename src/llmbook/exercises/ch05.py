@@ -388,3 +388,193 @@ def check_gpt2_block(gpt2_block):
         if not _close(block(x)[:, :-1], block(changed)[:, :-1]):
             raise AssertionError("changing the last token changed the outputs at earlier positions: "
                                  "a position may only attend to itself and the positions before it")
+
+
+# ---------------------------------------------------------------------------
+# 5.9 Assemble it yourself: a block and the model's forward pass
+# ---------------------------------------------------------------------------
+
+
+def gpt_cases() -> list[tuple[str, model.ModelConfig, int, int]]:
+    """(label, config, batch, T) of the 5.9 check: GPT-2 and Llama style (GQA, RoPE), short and full context."""
+    return [
+        ("GPT-2 style (gpt-tiny)", model.ModelConfig.preset("gpt-tiny", context_length=32), 2, 32),
+        ("Llama style (llama-tiny)", model.ModelConfig.preset("llama-tiny", context_length=32), 2, 32),
+        ("GPT-2 style, 3 layers", model.ModelConfig.preset("gpt-tiny", n_layers=3, context_length=32), 1, 11),
+    ]
+
+
+def random_gpt(cfg: model.ModelConfig, seed: int) -> model.GPT:
+    """``llmbook.model.GPT`` with weights far from its init (norm scales around 1, matrices of unit gain).
+
+    GPT's own init (std 0.02) makes attention nearly uniform, so leaving out RoPE
+    or a norm would change the logits too little to see; these weights make every
+    part of the model matter.
+    """
+    torch.manual_seed(seed)
+    reference = model.GPT(cfg).eval()
+    with torch.no_grad():
+        for i, (name, param) in enumerate(reference.named_parameters()):
+            r = _random(*param.shape, seed=1000 * seed + i)
+            if "norm" in name:
+                param.copy_(1 + 0.3 * r if name.endswith("weight") else 0.3 * r)
+            elif name.endswith("bias"):
+                param.copy_(0.1 * r)
+            elif name.endswith("_emb.weight"):
+                param.copy_(0.5 * r)
+            else:
+                param.copy_(r / math.sqrt(param.shape[-1]))
+    return reference
+
+
+def gpt_inputs(cfg: model.ModelConfig, batch: int, T: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Token ids ``idx`` (B, T) and their next tokens ``targets`` (B, T), two of them -100 (ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(cfg.vocab_size, (batch, T + 1), generator=g)
+    idx, targets = seq[:, :-1], seq[:, 1:].clone()
+    if T > 2:
+        targets[0, 1] = targets[-1, T - 2] = -100
+    return idx, targets
+
+
+def gpt_variant(ref: model.GPT, idx: Tensor, *, order: str = "prenorm", residual: str = "both",
+                final_norm: bool = True, positions: bool = True, rope: bool = True) -> Tensor:
+    """The logits of ``ref``'s weights assembled correctly, or as a typical mistake assembles them."""
+    cfg = ref.cfg
+    x = ref.tok_emb(idx)
+    if cfg.positions == "learned" and positions:
+        x = x + ref.pos_emb(torch.arange(idx.shape[1]))
+    for block in ref.blocks:
+        saved = block.attn.rope
+        if not rope:
+            block.attn.rope = None
+        try:
+            if order == "postnorm":
+                x = block.norm1(x + block.attn(x))
+                x = block.norm2(x + block.mlp(x))
+            else:
+                a = block.attn(block.norm1(x))
+                x = a if residual == "no-attn" else x + a
+                m = block.mlp(block.norm2(x))
+                x = m if residual == "no-mlp" else x + m
+        finally:
+            block.attn.rope = saved
+    return ref.lm_head(ref.norm_f(x) if final_norm else x)
+
+
+GPT_MISTAKES = [  # (keyword arguments of gpt_variant, hint)
+    (dict(order="postnorm"), "that is post-norm: normalize each sub-layer's input, x = x + attn(norm1(x)), "
+                             "and leave the residual stream itself unnormalized"),
+    (dict(residual="no-attn"), "missing residual: add attention's output to the stream, x = x + attn(norm1(x))"),
+    (dict(residual="no-mlp"), "missing residual: add the MLP's output to the stream, x = x + mlp(norm2(x))"),
+    (dict(final_norm=False), "the final norm is missing: logits = lm_head(norm_f(x)) after the last block"),
+    (dict(positions=False), "GPT-2 style adds the learned positions: x = tok_emb(idx) + pos_emb(arange(T))"),
+    (dict(rope=False), "RoPE is missing: in Llama style build each block's attention with "
+                       "rope=RotaryEmbedding(head_dim, ...), which rotates q and k by position"),
+]
+
+
+def loss_mistakes(logits: Tensor, idx: Tensor, targets: Tensor) -> list[tuple[Tensor, str]]:
+    """The loss a typical mistake computes from the right logits, with its hint."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    keep = targets[:, 1:] != -100
+    return [
+        (F.cross_entropy(logits[:, :-1][keep], targets[:, 1:][keep]),
+         "the loss is shifted twice: targets[:, t] is already the token after idx[:, t], so compare "
+         "logits[:, t] with targets[:, t]"),
+        (F.cross_entropy(flat, idx.reshape(-1)),
+         "the loss is not shifted: compare the logits with targets (the next tokens), not with the input ids"),
+        (F.cross_entropy(flat, targets.t().reshape(-1)),
+         "wrong reshape: flatten logits (B, T, V) -> (B*T, V) and targets (B, T) -> (B*T,) in the same order "
+         "(targets.reshape(-1), not targets.t())"),
+        (F.cross_entropy(flat.softmax(-1), targets.reshape(-1)),
+         "F.cross_entropy takes the logits and applies log-softmax itself; do not softmax them first"),
+        (F.cross_entropy(flat, targets.reshape(-1), reduction="sum"),
+         "the loss is the mean over the tokens (F.cross_entropy's default), not the sum"),
+    ]
+
+
+def _gpt_structure(mine: nn.Module, ref: model.GPT, what: str) -> None:
+    """Name the structural mistakes (untied head, a position table in Llama) before the parameter names."""
+    cfg = ref.cfg
+    head, emb = getattr(mine, "lm_head", None), getattr(mine, "tok_emb", None)
+    if isinstance(head, nn.Linear) and isinstance(emb, nn.Embedding):
+        tied = head.weight is emb.weight
+        if cfg.tied_embeddings and not tied:
+            raise AssertionError(f"{what}: the head is not tied to the embedding: GPT-2 style reuses the "
+                                 "embedding matrix, self.lm_head.weight = self.tok_emb.weight")
+        if not cfg.tied_embeddings and tied:
+            raise AssertionError(f"{what}: the head is tied to the embedding, but this config has "
+                                 "tied_embeddings=False (Llama): give lm_head its own matrix")
+    if cfg.positions == "rope" and hasattr(mine, "pos_emb"):
+        raise AssertionError(f"{what}: Llama style has no position table (pos_emb): positions enter through "
+                             "RoPE inside attention; build pos_emb only when cfg.positions == 'learned'")
+    expected = {n: tuple(t.shape) for n, t in ref.state_dict().items()}
+    got = {n: tuple(t.shape) for n, t in mine.state_dict().items()}
+    if got != expected:
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(f"{n} {got[n]} instead of {expected[n]}" for n in set(got) & set(expected)
+                       if got[n] != expected[n])
+        parts = [f"missing {missing[:6]}" if missing else "", f"unexpected {extra[:6]}" if extra else "",
+                 f"wrong shapes: {wrong[:4]}" if wrong else ""]
+        raise AssertionError(
+            f"{what}: name and shape the parameters as llmbook.model.GPT's (tok_emb, pos_emb for learned "
+            "positions, blocks.<i>.norm1/attn/norm2/mlp, norm_f, lm_head), using the library's "
+            f"MultiHeadAttention, MLP or SwiGLU and LayerNorm or RMSNorm; {'; '.join(p for p in parts if p)}")
+    mine.load_state_dict(ref.state_dict())
+
+
+def _forward(mine: nn.Module, idx: Tensor, targets: Tensor | None, what: str, shape: tuple[int, ...]):
+    out = mine(idx.clone(), targets=None if targets is None else targets.clone())
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise AssertionError(f"{what}: forward should return a pair (logits, loss), got {type(out).__name__}")
+    logits = _returned_tensor(out[0], "forward", shape, f"idx of shape {tuple(idx.shape)}")
+    if targets is None and out[1] is not None:
+        raise AssertionError(f"{what}: without targets, forward should return (logits, None)")
+    return logits, out[1]
+
+
+@exercise("5.9", solution="GPT")
+def check_gpt_forward(GPT):  # noqa: N803  (the reader's class)
+    for seed, (label, cfg, batch, T) in enumerate(gpt_cases()):
+        what = f"GPT({label})"
+        mine = GPT(cfg)
+        if not isinstance(mine, nn.Module):
+            raise AssertionError(f"{what} should be an nn.Module, got {type(mine).__name__}")
+        ref = random_gpt(cfg, seed)
+        _gpt_structure(mine, ref, what)
+        mine.eval()
+        idx, targets = gpt_inputs(cfg, batch, T, seed)
+        shape = (batch, T, cfg.vocab_size)
+        with torch.no_grad():
+            logits, _ = _forward(mine, idx, None, what, shape)
+            expected = ref(idx)[0]
+            assert _close(expected, gpt_variant(ref, idx))
+            if not _close(logits, expected):
+                hint = _first_hint(logits, [(gpt_variant(ref, idx, **kw), h) for kw, h in GPT_MISTAKES])
+                raise AssertionError(f"{what}: on idx of shape {tuple(idx.shape)} the logits differ from "
+                                     f"llmbook.model.GPT's by up to {_max_error(logits, expected):.3g}{hint}")
+        # the loss, and the gradients it gives every parameter
+        mine.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        logits, loss = _forward(mine, idx, targets, what, shape)
+        ref_logits, ref_loss = ref(idx, targets=targets)
+        if not isinstance(loss, Tensor) or loss.shape != ():
+            raise AssertionError(f"{what}: with targets, forward should return the loss as a 0-dim tensor, "
+                                 f"got {loss!r:.60}")
+        if not _close(loss.detach(), ref_loss.detach()):
+            hint = _first_hint(loss.detach(), loss_mistakes(ref_logits.detach(), idx, targets))
+            raise AssertionError(f"{what}: the loss is {loss.item():.4f}, llmbook.model.GPT's "
+                                 f"{ref_loss.item():.4f}{hint}")
+        loss.backward()
+        ref_loss.backward()
+        ours = dict(mine.named_parameters())
+        for name, param in ref.named_parameters():
+            g = ours[name].grad
+            if g is None:
+                raise AssertionError(f"{what}: {name} got no gradient; is it used in forward (not through "
+                                     ".detach() or .data)?")
+            if not _close(g, param.grad, atol=1e-5):
+                raise AssertionError(f"{what}: the gradient of {name} differs from llmbook.model.GPT's by up "
+                                     f"to {(g - param.grad).abs().max().item():.3g}")
