@@ -30,8 +30,9 @@ def _one_line_error(check, *solutions) -> str:
     return message
 
 
-def _special_regex(special_tokens) -> str:
-    return "(" + "|".join(regex.escape(s) for s in sorted(special_tokens, key=len, reverse=True)) + ")"
+def _special_regex(special_tokens, mistake=None) -> str:
+    escape = (lambda s: s) if mistake == "unescaped" else regex.escape  # "<|endoftext|>" unescaped: 3 alternatives
+    return "(" + "|".join(escape(s) for s in sorted(special_tokens, key=len, reverse=True)) + ")"
 
 
 def _merge(word, pair, new_id, overlap=False):
@@ -50,7 +51,7 @@ def _train(text, vocab_size, special_tokens=(), mistake=None):
     """The solution's bpe_train, with one typical mistake switched on by name."""
     pieces = [text]
     if special_tokens and mistake != "special_as_text":
-        pieces = regex.split(_special_regex(special_tokens), text)
+        pieces = regex.split(_special_regex(special_tokens, mistake), text)
     words = Counter()
     for piece in pieces:
         if piece in special_tokens and mistake != "special_as_text":
@@ -98,7 +99,7 @@ def _encode(text, vocab, merges, special_tokens, mistake=None):
         merged[pair] = token_id[a + b]
     pieces = [text]
     if special_tokens and mistake != "special_as_text":
-        pieces = regex.split(_special_regex(special_tokens), text)
+        pieces = regex.split(_special_regex(special_tokens, mistake), text)
     ids = []
     for piece in pieces:
         if piece in special_tokens and mistake != "special_as_text":
@@ -108,7 +109,9 @@ def _encode(text, vocab, merges, special_tokens, mistake=None):
             word = [b if mistake == "byte_ids" else token_id[bytes([b])] for b in pre.encode("utf-8")]
             while len(word) > 1:
                 pairs = list(zip(word, word[1:], strict=False))
-                if mistake == "by_frequency":
+                if mistake == "leftmost":
+                    pair = next((p for p in pairs if p in ranks), None)
+                elif mistake == "by_frequency":
                     counts = Counter(p for p in pairs if p in ranks)
                     pair = max(counts, key=counts.__getitem__) if counts else None
                 else:
@@ -123,7 +126,7 @@ def _encode(text, vocab, merges, special_tokens, mistake=None):
 def test_the_mistakes_differ_from_the_library_on_the_small_cases():
     """Each training mistake changes the merges of one of the small cases; the solution matches on all."""
     small = ch03.train_cases()[:-1]
-    for mistake in (None, "stale", "overlap", "no_pretokenize", "ties_first", "special_as_text"):
+    for mistake in (None, "stale", "overlap", "no_pretokenize", "ties_first", "special_as_text", "unescaped"):
         same = [_train(t, v, s, mistake)[1] == train_bpe(t, v, s, workers=1)[1] for _, t, v, s in small]
         assert all(same) if mistake is None else not all(same), mistake
 
@@ -144,6 +147,7 @@ def test_solution_passes_and_starter_is_not_attempted(capsys):
     ("no_pretokenize", "pre-tokenized wrongly"),
     ("ties_first", "ties broken differently"),
     ("special_as_text", "special tokens split wrongly"),
+    ("unescaped", "special tokens split wrongly"),
 ])
 def test_training_mistakes_are_named(mistake, hint):
     message = _one_line_error(ch03.check_bpe, functools.partial(_train, mistake=mistake), _encode)
@@ -153,7 +157,9 @@ def test_training_mistakes_are_named(mistake, hint):
 @pytest.mark.parametrize(("mistake", "hint"), [
     ("by_frequency", "merged by frequency (or the leftmost pair) at encode time instead of by rank"),
     ("no_pretokenize", "pre-tokenized wrongly"),
+    ("leftmost", "merged by frequency (or the leftmost pair) at encode time instead of by rank"),
     ("special_as_text", "special token encoded as text"),
+    ("unescaped", "special token encoded as text"),
     ("byte_ids", "GPT-2's byte b is not id b"),
 ])
 def test_encoding_mistakes_are_named(mistake, hint):

@@ -425,9 +425,11 @@ def _encode_hint(encode, tok: Tokenizer, text: str, got: list, expected: list) -
         return ("; your ids do not spell the text: take each token's id from the vocab (bytes -> id), for every "
                 "byte too, since GPT-2's byte b is not id b")
     specials = tuple(tok.special_tokens)
-    if any(s in text for s in specials) and got == tok.encode_ordinary(text):
+    special_ids = set(tok.special_tokens.values())
+    if sum(i in special_ids for i in got) != sum(i in special_ids for i in expected):
         return ("; special token encoded as text: '<|endoftext|>' became ordinary tokens; cut the text at the "
-                "special tokens first and give each its id from special_tokens")
+                "special tokens first (regex.escape them: '|' is special in a regex), and give each its id from "
+                "special_tokens")
     pieces = split_on_special(text, specials)
     if [i for p in pieces for i in encode(p)] != got:
         return ""
