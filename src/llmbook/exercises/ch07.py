@@ -593,9 +593,17 @@ ASSEMBLE_MISTAKES = {
                  "with weight_decay 0 (the rule of optim.param_groups)",
     "decay_2d": "the embeddings were decayed (the rule 'every matrix', p.dim() >= 2, nanoGPT's); the library "
                 "decays only the weights of nn.Linear layers, and a tied lm_head is the embedding",
+    "decay_tied": "the tied lm_head.weight was decayed as an nn.Linear weight, but it is the token embedding "
+                  "(the same tensor), which the library does not decay: leave out the parameters of nn.Embedding",
+    "decay_norms_biases": "the biases and norm gains were decayed; only the weights of nn.Linear layers decay "
+                          "(a gain's natural value is 1, not 0)",
     "no_decay": "no weight decay at all: the weights of the nn.Linear layers decay by cfg.weight_decay (the other "
                 "parameters by 0)",
 }
+
+
+def _among(p: Tensor, tensors: list[Tensor]) -> bool:
+    return any(p is t for t in tensors)
 
 
 def assemble_reference(model: GPT, batches, cfg: TrainConfig, mistake: str | None = None) -> list[float]:
@@ -607,8 +615,12 @@ def assemble_reference(model: GPT, batches, cfg: TrainConfig, mistake: str | Non
         raise ValueError(f"unknown mistake {mistake!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     groups = param_groups(model, cfg.weight_decay)
-    if mistake in ("decay_all", "decay_2d", "no_decay"):
-        decay = [p for p in params if mistake == "decay_all" or (mistake == "decay_2d" and p.dim() >= 2)]
+    if mistake in ("decay_all", "decay_2d", "decay_tied", "decay_norms_biases", "no_decay"):
+        embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        rules = {"decay_all": lambda p: True, "decay_2d": lambda p: p.dim() >= 2, "no_decay": lambda p: False,
+                 "decay_tied": lambda p: p.dim() >= 2 and (p is model.lm_head.weight or not _among(p, embeddings)),
+                 "decay_norms_biases": lambda p: not _among(p, embeddings)}
+        decay = [p for p in params if rules[mistake](p)]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay},
                   {"params": [p for p in params if all(p is not q for q in decay)], "weight_decay": 0.0}]
     optimizer = ForeachAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
