@@ -13,21 +13,11 @@ from collections import Counter
 
 import pytest
 import regex
+from exercise_helpers import one_line_error as _one_line_error
+from exercise_helpers import starter as _starter
 
 from llmbook.bpe import GPT2_PATTERN, train_bpe
 from llmbook.exercises import ch03
-
-
-def _starter(*args, **kwargs):
-    raise NotImplementedError("your solution goes here")
-
-
-def _one_line_error(check, *solutions) -> str:
-    with pytest.raises(AssertionError) as info:
-        check.strict(*solutions)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
 
 
 def _special_regex(special_tokens, mistake=None) -> str:

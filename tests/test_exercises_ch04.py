@@ -13,6 +13,8 @@ import math
 
 import pytest
 import torch
+from exercise_helpers import one_line_error as _one_line_error
+from exercise_helpers import passes_and_starter_not_attempted as _passes_and_starter_not_attempted
 from torch import nn
 
 from llmbook import attention
@@ -95,21 +97,8 @@ def _with(mistake: str) -> type[_MHA]:
     return type(f"MHA_{mistake}", (_MHA,), {"mistake": mistake})
 
 
-def _one_line_error(check, *solutions) -> str:
-    with pytest.raises(AssertionError) as info:
-        check.strict(*solutions)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
-
-
 def test_solution_passes_and_starter_is_not_attempted(capsys):
-    ch04.check_multi_head_attention(_MHA)
-    ch04.check_multi_head_attention(_Starter)
-    out = capsys.readouterr().out
-    assert "Exercise 4.10: all checks passed" in out and "Exercise 4.10: not attempted yet" in out
-    with pytest.raises(NotImplementedError):
-        ch04.check_multi_head_attention.strict(_Starter)
+    _passes_and_starter_not_attempted(capsys, ch04.check_multi_head_attention, "4.10", (_MHA,), (_Starter,))
 
 
 @pytest.mark.parametrize("case", ch04._GQA_CASES)

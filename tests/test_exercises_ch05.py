@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from exercise_helpers import one_line_error as _one_line_error
+from exercise_helpers import passes_and_starter_not_attempted as _passes_and_starter_not_attempted
 from torch import nn
 from torch.nn import functional as F
 
@@ -100,14 +102,6 @@ class _Starter(nn.Module):
         raise NotImplementedError("your solution goes here")
 
 
-def _one_line_error(check, *solutions) -> str:
-    with pytest.raises(AssertionError) as info:
-        check.strict(*solutions)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
-
-
 def test_reference_variant_is_the_library_model():
     """The check's own assembly of the reference's parts gives llmbook.model.GPT's logits, for every case."""
     for seed, (_, cfg, batch, T) in enumerate(ch05.gpt_cases()):
@@ -130,12 +124,7 @@ def test_random_weights_make_every_part_matter():
 
 
 def test_solution_passes_and_starter_is_not_attempted(capsys):
-    ch05.check_gpt_forward(_GPT)
-    ch05.check_gpt_forward(_Starter)
-    out = capsys.readouterr().out
-    assert "Exercise 5.9: all checks passed" in out and "Exercise 5.9: not attempted yet" in out
-    with pytest.raises(NotImplementedError):
-        ch05.check_gpt_forward.strict(_Starter)
+    _passes_and_starter_not_attempted(capsys, ch05.check_gpt_forward, "5.9", (_GPT,), (_Starter,))
 
 
 @pytest.mark.parametrize(("mistake", "hint"), [

@@ -16,21 +16,12 @@ import math
 
 import pytest
 import torch
+from exercise_helpers import one_line_error as _one_line_error
+from exercise_helpers import passes_and_starter_not_attempted as _passes_and_starter_not_attempted
+from exercise_helpers import starter as _starter
 from torch import nn
 
 from llmbook.exercises import ch07
-
-
-def _starter(*args, **kwargs):
-    raise NotImplementedError("your solution goes here")
-
-
-def _one_line_error(check, *solutions) -> str:
-    with pytest.raises(AssertionError) as info:
-        check.strict(*solutions)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
 
 
 def _train_steps(model, batches, cfg, mistake=None):
@@ -210,12 +201,7 @@ def test_the_check_keeps_the_readers_random_state_and_threads():
 
 
 def test_solution_passes_and_starter_is_not_attempted(capsys):
-    ch07.check_train_steps(_train_steps)
-    ch07.check_train_steps(_starter)
-    out = capsys.readouterr().out
-    assert "Exercise 7.12: all checks passed" in out and "Exercise 7.12: not attempted yet" in out
-    with pytest.raises(NotImplementedError):
-        ch07.check_train_steps.strict(_starter)
+    _passes_and_starter_not_attempted(capsys, ch07.check_train_steps, "7.12", (_train_steps,), (_starter,))
 
 
 def test_other_correct_loops_pass():
