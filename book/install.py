@@ -24,14 +24,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
 SUPPORTED = ((3, 11), (3, 12), (3, 13))  # pyproject's requires-python and classifiers, the Makefile's search order
+OLDEST = (3, 11, 5)  # soupsieve (via nbconvert) at the locked version: Debian 12's python3 is 3.11.2
 
 
-def python_problem(version: tuple[int, int]) -> str | None:
+def python_problem(version: tuple[int, ...]) -> str | None:
     """One line for an interpreter outside the supported range, None inside it."""
-    if tuple(version) in SUPPORTED:
-        return None
     names = ", ".join(f"{a}.{b}" for a, b in SUPPORTED)
-    return f"the book supports Python {names}, not {version[0]}.{version[1]}: set PYTHON=python3.13 (or 3.12, 3.11)"
+    hint = "set PYTHON=python3.13 (or 3.12, 3.11); `uv python find 3.13` prints one uv installed"
+    if tuple(version[:2]) not in SUPPORTED:
+        return f"the book supports Python {names}, not {version[0]}.{version[1]}: {hint}"
+    if tuple(version) < OLDEST:
+        shown = ".".join(map(str, version))
+        return f"Python {shown} is older than {'.'.join(map(str, OLDEST))}, the oldest the lock installs on: {hint}"
+    return None
 
 
 def lock_lines(text: str) -> list[str]:
@@ -95,7 +100,7 @@ def main() -> None:
     parser.add_argument("--check-python", action="store_true", help="only check this interpreter's version")
     parser.add_argument("--dry-run", action="store_true", help="resolve the install for this Python, install nothing")
     args = parser.parse_args()
-    problem = python_problem(sys.version_info[:2])
+    problem = python_problem(tuple(sys.version_info[:3]))
     if problem or args.check_python:
         sys.exit(problem)
     lines = lock_lines(LOCK.read_text())

@@ -39,9 +39,13 @@ def test_supported_pythons_agree_everywhere():
 
 def test_python_outside_the_range_gets_one_line():
     install = install_module()
-    assert install.python_problem((3, 12)) is None
-    message = install.python_problem((3, 10))
+    assert install.python_problem((3, 12, 1)) is None and install.python_problem((3, 11, 5)) is None
+    message = install.python_problem((3, 10, 13))
     assert "not 3.10" in message and "PYTHON=python3.13" in message and "\n" not in message
+    message = install.python_problem((3, 11, 2))  # Debian 12's python3: too old for the lock's soupsieve
+    assert "3.11.2 is older than 3.11.5" in message and "\n" not in message
+    oldest = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"].split(",")[0]
+    assert oldest == ">=" + ".".join(map(str, install.OLDEST))
 
 
 def test_triton_pin_kept_for_the_cpu_build_on_linux():
