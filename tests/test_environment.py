@@ -78,3 +78,16 @@ def test_a_uv_lock_has_the_lock_versions():
         name, version = normal(package["name"]), package.get("version", "").split("+")[0]
         if name in pins and "source" in package and "editable" not in package["source"]:
             assert version == pins[name], f"uv.lock has {name} {version}, requirements.lock {pins[name]}"
+
+
+def test_lock_script_would_write_the_committed_mirrors():
+    """book/lock.py writes environment.yml and the uv constraints from the pins: both are what it would write now."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("book_lock", ROOT / "book" / "lock.py")
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    pins = [line for line in (ROOT / "requirements.lock").read_text().splitlines() if line and not line.startswith("#")]
+    assert lock.environment_yml(pins) == (ROOT / "environment.yml").read_text()
+    text = (ROOT / "pyproject.toml").read_text()
+    assert lock.uv_constraints(text, pins) == text
