@@ -111,3 +111,9 @@ def test_mean_and_spread():
     assert ex.mean_and_spread([3.0]) == (3.0, 0.0)
     with pytest.raises(ValueError):
         ex.mean_and_spread([])
+
+
+def test_cpu_matmul_flops_is_a_plausible_rate():
+    torch.set_num_threads(1)
+    rate = ex.cpu_matmul_flops(256, repeats=3)
+    assert 1e8 < rate < 1e13  # between a very old core and far beyond any CPU thread

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from llmbook import planning
 from llmbook.model import ModelConfig
@@ -206,3 +207,24 @@ def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
     if not values:
         raise ValueError("no values")
     return float(np.mean(values)), (max(values) - min(values)) / 2
+
+
+# ---------------------------------------------------------------------- the hardware's side
+
+
+def cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an n x n fp32 matmul per second of this thread's CPU time: the best of ``repeats``.
+
+    ``planning.measure_matmul_flops`` divides by wall time, which grows when other
+    programs share the cores; with one torch thread the matmul runs on the
+    calling thread, and its CPU time is what the work itself cost. That makes it
+    the peak to divide a run's CPU-time rate by (its MFU).
+    """
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up: the first call pays for allocation
+    best = math.inf
+    for _ in range(repeats):
+        start = time.thread_time()
+        a @ b
+        best = min(best, time.thread_time() - start)
+    return 2 * n**3 / max(best, 1e-9)
