@@ -99,6 +99,7 @@ def test_ci_tests_the_interpreter_the_book_was_executed_with():
     ci = (ROOT / ".ci" / "run").read_text()
     env_python = re.search(r"^\s+- python=(3\.\d+)$", (ROOT / "environment.yml").read_text(), re.M).group(1)
     assert f"PYTHON=python{env_python}" in ci
+    assert 'book/install.py --dry-run' in ci and "for v in 3.13 3.12" in ci, "CI resolves the lock for a newer Python"
 
 
 def test_readme_names_each_set_up_path():
