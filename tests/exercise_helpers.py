@@ -8,6 +8,8 @@ again with a mistake switched on by name and use these three helpers.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -33,3 +35,39 @@ def passes_and_starter_not_attempted(capsys, check, number: str, solutions: tupl
     assert f"Exercise {number}: all checks passed" in out and f"Exercise {number}: not attempted yet" in out
     with pytest.raises(NotImplementedError):
         check.strict(*starters)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fresh_starter(stem: str) -> str:
+    """``exercises/<stem>.md``, asserted to be what ``make starters`` makes of ``solutions/<stem>.md``."""
+    import build_pdf
+
+    solution = ROOT / "solutions" / f"{stem}.md"
+    starter = (ROOT / "exercises" / f"{stem}.md").read_text()
+    assert starter == build_pdf.make_starter(solution.read_text(), solution.name), "run build_pdf.py --starters"
+    assert "BEGIN SOLUTION" not in starter
+    return starter
+
+
+def solution_lines(stem: str, heading: str) -> list[str]:
+    """The reader's own code in one exercise of ``solutions/<stem>.md``: lines between the solution markers.
+
+    From the exercise's heading (``"## Exercise 4.10"``) to the next ``## ``
+    heading; blank lines and comments do not count. An "assemble it yourself"
+    exercise asks for at least 30 (book/AUTHORING.md).
+    """
+    text = (ROOT / "solutions" / f"{stem}.md").read_text()
+    section = text[text.index(heading) + len(heading):]
+    section = section[: section.find("\n## ")] if "\n## " in section else section
+    lines, inside = [], False
+    for line in section.splitlines():
+        stripped = line.strip()
+        if stripped == "# BEGIN SOLUTION":
+            inside = True
+        elif stripped == "# END SOLUTION":
+            inside = False
+        elif inside and stripped and not stripped.startswith("#"):
+            lines.append(line)
+    return lines

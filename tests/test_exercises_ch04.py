@@ -13,8 +13,10 @@ import math
 
 import pytest
 import torch
+from exercise_helpers import fresh_starter as _fresh_starter
 from exercise_helpers import one_line_error as _one_line_error
 from exercise_helpers import passes_and_starter_not_attempted as _passes_and_starter_not_attempted
+from exercise_helpers import solution_lines as _solution_lines
 from torch import nn
 
 from llmbook import attention
@@ -164,35 +166,11 @@ def test_a_constant_answer_fails_in_one_line():
 
 def test_the_starter_is_generated_from_the_solutions():
     """exercises/04 is build_pdf's starter of solutions/04."""
-    from pathlib import Path
-
-    import build_pdf
-
-    root = Path(build_pdf.__file__).parent
-    solution = root / "solutions" / "04_attention.md"
-    starter = (root / "exercises" / "04_attention.md").read_text()
-    assert starter == build_pdf.make_starter(solution.read_text(), solution.name), "run build_pdf.py --starters"
-    assert "BEGIN SOLUTION" not in starter
+    _fresh_starter("04_attention")
 
 
 def test_solution_is_at_least_30_lines_of_the_readers_code():
-    from pathlib import Path
-
-    import build_pdf
-
-    text = (Path(build_pdf.__file__).parent / "solutions" / "04_attention.md").read_text()
-    cell = text[text.index("## Exercise 4.10"):]
-    cell = cell[: cell.index("check_multi_head_attention")]
-    lines, inside = [], False
-    for line in cell.splitlines():
-        stripped = line.strip()
-        if stripped == "# BEGIN SOLUTION":
-            inside = True
-        elif stripped == "# END SOLUTION":
-            inside = False
-        elif inside and stripped and not stripped.startswith("#"):
-            lines.append(line)
-    assert len(lines) >= 30, len(lines)
+    assert len(_solution_lines("04_attention", "## Exercise 4.10")) >= 30
 
 
 def test_library_layer_is_what_the_check_loads():

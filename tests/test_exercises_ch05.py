@@ -8,16 +8,15 @@ second per case.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from exercise_helpers import fresh_starter as _fresh_starter
 from exercise_helpers import one_line_error as _one_line_error
 from exercise_helpers import passes_and_starter_not_attempted as _passes_and_starter_not_attempted
+from exercise_helpers import solution_lines as _solution_lines
 from torch import nn
 from torch.nn import functional as F
 
-import build_pdf
 from llmbook import model
 from llmbook.attention import MultiHeadAttention
 from llmbook.exercises import ch05
@@ -165,16 +164,5 @@ def test_library_model_passes():
 
 
 def test_starter_is_generated_and_solution_is_long_enough():
-    root = Path(__file__).resolve().parents[1]
-    solution = (root / "solutions" / "05_transformer.md").read_text()
-    starter = (root / "exercises" / "05_transformer.md").read_text()
-    assert starter == build_pdf.make_starter(solution, "05_transformer.md"), "run build_pdf.py --starters"
-    section = solution.split("## Exercise 5.9")[1]
-    inside, lines = False, 0
-    for line in section.splitlines():
-        if "# BEGIN SOLUTION" in line or "# END SOLUTION" in line:
-            inside = "BEGIN" in line
-        elif inside and line.strip() and not line.strip().startswith("#"):
-            lines += 1
-    assert lines >= 30, lines
-    assert "BEGIN SOLUTION" not in starter
+    _fresh_starter("05_transformer")
+    assert len(_solution_lines("05_transformer", "## Exercise 5.9")) >= 30

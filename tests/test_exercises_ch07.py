@@ -16,8 +16,10 @@ import math
 
 import pytest
 import torch
+from exercise_helpers import fresh_starter as _fresh_starter
 from exercise_helpers import one_line_error as _one_line_error
 from exercise_helpers import passes_and_starter_not_attempted as _passes_and_starter_not_attempted
+from exercise_helpers import solution_lines as _solution_lines
 from exercise_helpers import starter as _starter
 from torch import nn
 
@@ -258,27 +260,13 @@ def test_a_constant_answer_fails_in_one_line():
 
 def test_the_starter_is_generated_from_the_solutions():
     """exercises/07 is build_pdf's starter of solutions/07, and 7.12's starter keeps its steps in comments."""
-    from pathlib import Path
-
-    import build_pdf
-
-    root = Path(build_pdf.__file__).parent
-    solution = root / "solutions" / "07_pretraining.md"
-    starter = (root / "exercises" / "07_pretraining.md").read_text()
-    assert starter == build_pdf.make_starter(solution.read_text(), solution.name), "run build_pdf.py --starters"
+    starter = _fresh_starter("07_pretraining")
     stub = starter[starter.index("def train_steps(model, batches, cfg):"):]
     stub = stub[:stub.index("```")]
     assert stub.count("# ") >= 8 and stub.rstrip().endswith('raise NotImplementedError("your solution goes here")')
 
 
 def test_the_solution_is_the_readers_own_30_lines():
-    from pathlib import Path
-
-    import build_pdf
-
-    text = (Path(build_pdf.__file__).parent / "solutions" / "07_pretraining.md").read_text()
-    body = text[text.index("def train_steps(model, batches, cfg):"):]
-    body = body[body.index("# BEGIN SOLUTION"):body.index("# END SOLUTION")]
-    code = [line for line in body.splitlines()[1:] if line.strip() and not line.strip().startswith("#")]
+    code = _solution_lines("07_pretraining", "## Exercise 7.12")
     assert len(code) >= 30, len(code)
-    assert "llmbook" not in body  # the library's optimizer, schedule and trainer are what it is checked against
+    assert not any("llmbook" in line for line in code)  # the library's optimizer, schedule and trainer check it
