@@ -322,18 +322,7 @@ def check_causal_self_attention(CausalSelfAttention):
                                  "forward in torch.no_grad(); the layer must be trainable")
         (out * upstream).sum().backward()
         (expected * upstream).sum().backward()
-        pairs = [("the input x", x_theirs.grad, x_ref.grad)]
-        pairs += [(f"the weight {name}", theirs[name].grad, p.grad) for name, p in ref.named_parameters()]
-        for name, got_grad, ref_grad in pairs:
-            if got_grad is None:
-                raise AssertionError(f"no gradient reached {name}: keep every step of the forward in autograd "
-                                     "(no .detach(), .data, .item() or torch.no_grad())")
-            if not _grad_close(got_grad, ref_grad):
-                err = (got_grad.float() - ref_grad).abs().max().item()
-                raise AssertionError(f"CausalSelfAttention({what}): the outputs match, but the gradient of "
-                                     f"{name} differs by up to {err:.3g}; is part of the forward computed "
-                                     "outside autograd (.detach(), .data, numpy) or with constants that "
-                                     "stand in for the weights?")
+        _check_gradients(theirs, ref, x_theirs, x_ref, what, layer_name="CausalSelfAttention")
 
 
 # ---------------------------------------------------------------------------
@@ -496,7 +485,8 @@ def _load_reference(layer, ref: attention.MultiHeadAttention, what: str) -> dict
 
 
 def _check_gradients(layer_params: dict[str, Tensor], ref: attention.MultiHeadAttention, x_theirs: Tensor,
-                     x_ref: Tensor, what: str) -> None:
+                     x_ref: Tensor, what: str, layer_name: str = "MultiHeadAttention") -> None:
+    """After one backward through each layer: the reader's gradients of x and of every weight equal the library's."""
     pairs = [("the input x", x_theirs.grad, x_ref.grad)]
     pairs += [(f"the weight {name}", layer_params[name].grad, p.grad) for name, p in ref.named_parameters()]
     for name, got_grad, ref_grad in pairs:
@@ -505,8 +495,9 @@ def _check_gradients(layer_params: dict[str, Tensor], ref: attention.MultiHeadAt
                                  "(no .detach(), .data, .item() or torch.no_grad())")
         if not _grad_close(got_grad, ref_grad):
             err = (got_grad.float() - ref_grad).abs().max().item()
-            raise AssertionError(f"MultiHeadAttention({what}): the outputs match, but the gradient of {name} "
-                                 f"differs by up to {err:.3g}; is part of the forward computed outside autograd?")
+            raise AssertionError(f"{layer_name}({what}): the outputs match, but the gradient of {name} differs "
+                                 f"by up to {err:.3g}; is part of the forward computed outside autograd (.detach(), "
+                                 ".data, numpy) or with constants that stand in for the weights?")
 
 
 def _check_decoding(layer, ref: attention.MultiHeadAttention, x: Tensor, what: str) -> None:
