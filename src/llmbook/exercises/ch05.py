@@ -304,6 +304,19 @@ def _block_inputs(cfg: model.ModelConfig, batch: int, T: int, seed: int) -> tupl
     return reference, _random(batch, T, cfg.d_model, seed=seed) + 0.5
 
 
+def _compare_parameter_grads(mine: nn.Module, ref: nn.Module, what: str, ref_name: str, atol: float) -> None:
+    """After one backward through each: every parameter of the reader's module got the library's gradient."""
+    ours = dict(mine.named_parameters())
+    for name, param in ref.named_parameters():
+        g = ours[name].grad
+        if g is None:
+            raise AssertionError(f"{what}: {name} got no gradient; is it used in forward, and not through "
+                                 ".data or .detach()?")
+        if not _close(g, param.grad, atol=atol):
+            raise AssertionError(f"{what}: the gradient of {name} differs from {ref_name}'s by up to "
+                                 f"{(g - param.grad).abs().max().item():.3g}")
+
+
 def _load(block, reference: model.Block, what: str) -> None:
     expected = {n: p.shape for n, p in reference.named_parameters()}
     got = {n: p.shape for n, p in block.named_parameters()}
@@ -368,15 +381,7 @@ def check_gpt2_block(gpt2_block):
             raise AssertionError(f"{what}: the gradient with respect to the input x differs from "
                                  "llmbook.model.Block's: does your forward detach something (.detach(), "
                                  ".data, torch.no_grad) or modify a tensor in place?")
-        mine = dict(block.named_parameters())
-        for name, param in reference.named_parameters():
-            g = mine[name].grad
-            if g is None:
-                raise AssertionError(f"{what}: {name} got no gradient; is it used in forward, and not "
-                                     "through .data or .detach()?")
-            if not _close(g, param.grad, atol=1e-4):
-                raise AssertionError(f"{what}: the gradient of {name} differs from llmbook.model.Block's by "
-                                     f"up to {(g - param.grad).abs().max().item():.3g}")
+        _compare_parameter_grads(block, reference, what, "llmbook.model.Block", atol=1e-4)
 
     # causality, directly: changing the last token must leave every earlier position's output unchanged
     cfg = cases[0][0]
@@ -569,12 +574,4 @@ def check_gpt_forward(GPT):  # noqa: N803  (the reader's class)
                                  f"{ref_loss.item():.4f}{hint}")
         loss.backward()
         ref_loss.backward()
-        ours = dict(mine.named_parameters())
-        for name, param in ref.named_parameters():
-            g = ours[name].grad
-            if g is None:
-                raise AssertionError(f"{what}: {name} got no gradient; is it used in forward (not through "
-                                     ".detach() or .data)?")
-            if not _close(g, param.grad, atol=1e-5):
-                raise AssertionError(f"{what}: the gradient of {name} differs from llmbook.model.GPT's by up "
-                                     f"to {(g - param.grad).abs().max().item():.3g}")
+        _compare_parameter_grads(mine, ref, what, "llmbook.model.GPT", atol=1e-5)
