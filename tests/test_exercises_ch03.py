@@ -168,3 +168,12 @@ def test_the_starter_is_generated_from_the_solutions():
     """exercises/03 is build_pdf's starter of solutions/03."""
     starter = _fresh_starter("03_tokenization")
     assert "def bpe_train(" in starter and "def bpe_encode(" in starter
+
+
+def test_make_encoder_hint_still_works():
+    """3.9: an encoder that never merges gets 3.9's own hint (3.10's encoder hint has another signature)."""
+
+    def make_encoder(merges):
+        return lambda text: list(text.encode("utf-8"))  # bytes only: no merge applied
+
+    assert "keep merging" in _one_line_error(ch03.check_make_encoder, make_encoder)

@@ -417,7 +417,7 @@ def _by_frequency(pairs: list) -> tuple[int, int]:
     return max(counts, key=counts.__getitem__)  # ties: the first seen, the leftmost
 
 
-def _encode_hint(encode, tok: Tokenizer, text: str, got: list, expected: list) -> str:
+def _bpe_encode_hint(encode, tok: Tokenizer, text: str, got: list, expected: list) -> str:
     """Name the likely mistake behind a wrong encoding of ``text`` (``encode(text)`` gave ``got``)."""
     if any(not isinstance(i, int) for i in got):
         return "; return the token ids as ints, not bytes or strings"
@@ -472,7 +472,7 @@ def _check_encoding(bpe_encode, tok: Tokenizer, reference, texts) -> None:
                      min(len(got), len(expected)))
             raise AssertionError(f"{tok.name} tokenizer, {what}: {len(got)} ids, expected {len(expected)}; from id "
                                  f"{i} on got {got[i:i + 8]}, expected {expected[i:i + 8]}"
-                                 f"{_encode_hint(encode, tok, text, got, expected)}")
+                                 f"{_bpe_encode_hint(encode, tok, text, got, expected)}")
 
 
 @exercise("3.10", solution="bpe_train")
