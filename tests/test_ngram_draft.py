@@ -65,7 +65,6 @@ def test_greedy_equals_target_greedy(target_and_draft):
         for k in range(1, 9):
             res = speculative_generate(target, draft, prompt, 24, k=k)
             assert res.tokens == ref, (k, prompt)
-            assert res.draft_calls == res.proposed and res.target_calls == len(res.accepted_per_round)
             accepted += res.accepted
     assert accepted > 0  # some proposals were kept, so the accepting path ran too
 

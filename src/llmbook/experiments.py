@@ -27,7 +27,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from llmbook import planning
 from llmbook.model import ModelConfig
@@ -220,11 +219,4 @@ def cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     calling thread, and its CPU time is what the work itself cost. That makes it
     the peak to divide a run's CPU-time rate by (its MFU).
     """
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm up: the first call pays for allocation
-    best = math.inf
-    for _ in range(repeats):
-        start = time.thread_time()
-        a @ b
-        best = min(best, time.thread_time() - start)
-    return 2 * n**3 / max(best, 1e-9)
+    return planning.measure_matmul_flops(n, repeats, clock=time.thread_time)

@@ -251,19 +251,20 @@ def speculative_generate(
                 kk = min(k, total - n - 1)  # never propose past max_new_tokens: the round's bonus token is the last
                 # 1. the draft proposes kk tokens; a neural one with one forward each, whose first feeds what its
                 # cache lacks (1-2 tokens); an n-gram one with dictionary lookups, q one-hot at its proposals
-                if not neural and kk:
+                if neural:
+                    for i in range(kk):
+                        logits, _ = draft(seq[:, d_caches[0].length : n + i], caches=d_caches)  # (1, T_new, V)
+                        if greedy:
+                            seq[0, n + i] = logits[0, -1, :V].argmax()
+                        else:
+                            q_rows[i] = _probs(logits[0, -1], temperature, top_k, top_p, vocab_size)
+                            seq[0, n + i] = torch.multinomial(q_rows[i], 1, generator=generator)[0]
+                elif kk:
                     proposals = torch.tensor(state.propose(kk), dtype=torch.long, device=device)
                     seq[0, n : n + kk] = proposals
                     if not greedy:
                         q_rows[:kk] = 0.0
                         q_rows[torch.arange(kk, device=device), proposals] = 1.0
-                for i in range(kk if neural else 0):
-                    logits, _ = draft(seq[:, d_caches[0].length : n + i], caches=d_caches)  # (1, T_new, V)
-                    if greedy:
-                        seq[0, n + i] = logits[0, -1, :V].argmax()
-                    else:
-                        q_rows[i] = _probs(logits[0, -1], temperature, top_k, top_p, vocab_size)
-                        seq[0, n + i] = torch.multinomial(q_rows[i], 1, generator=generator)[0]
                 # 2. the target scores the kk proposals, and predicts the token after them, in one pass
                 logits, _ = target(seq[:, t_caches[0].length : n + kk], caches=t_caches)  # (1, T_new, V)
                 logits = logits[0, -(kk + 1):]  # (kk + 1, V): its next-token logits at each proposal and after
@@ -356,11 +357,11 @@ def measure_speedup(
         torch.set_num_threads(old_threads)
 
 
-def _draft_alone(draft: Draft, prompt: list[int], max_new_tokens: int, vocab_size: int | None) -> list[int]:
-    """The draft decoding on its own, greedy: what one draft step costs, timed by ``_measure``."""
-    if isinstance(draft, GPT):
-        return generate(draft, [prompt], max_new_tokens, temperature=0.0, vocab_size=vocab_size)[0]
-    state = draft.start(prompt)
+def _greedy_alone(model: Draft, prompt: list[int], max_new_tokens: int, vocab_size: int | None) -> list[int]:
+    """One model decoding alone, greedy: the baseline (the target), and what a draft step costs."""
+    if isinstance(model, GPT):
+        return generate(model, [prompt], max_new_tokens, temperature=0.0, vocab_size=vocab_size)[0]
+    state = model.start(prompt)
     for _ in range(max_new_tokens):
         state.extend(state.propose(1))
     return state.tokens[len(prompt):]
@@ -373,7 +374,7 @@ def _measure(target: GPT, draft: Draft, prompts: Sequence[Sequence[int]], ks: li
 
     def plain(model: Draft, prompt: list[int]) -> tuple[float, list[int]]:
         start = time.perf_counter()
-        out = _draft_alone(model, prompt, max_new_tokens, vocab_size)
+        out = _greedy_alone(model, prompt, max_new_tokens, vocab_size)
         return time.perf_counter() - start, out
 
     for _ in range(repeats):
