@@ -56,8 +56,9 @@ def most_frequent_next(tokens: np.ndarray, n: int) -> dict[tuple[int, ...], int]
     contexts = pairs // base
     # per context the highest count; lexsort is stable, so on a tie the smallest next id (first in order) wins
     order = np.lexsort((-counts, contexts))
+    sorted_contexts = contexts[order]
     first = np.ones(len(order), dtype=bool)
-    first[1:] = contexts[order][1:] != contexts[order][:-1]
+    first[1:] = sorted_contexts[1:] != sorted_contexts[:-1]
     chosen = pairs[order][first]
     rows = ((chosen[:, None] // (base ** np.arange(n, -1, -1, dtype=np.int64))) % base).tolist()  # back to ids
     return {tuple(row[:n]): row[n] for row in rows}
@@ -76,6 +77,11 @@ class NgramDraft:
     vocab_size: int
     lookup_orders: tuple[int, ...] = (3, 2)  # context lengths matched against the text so far, longest first
     lookup: bool = True
+
+    @property
+    def width(self) -> int:
+        """The longest context any lookup reads."""
+        return max(max(self.lookup_orders), len(self.tables))
 
     @classmethod
     def fit(cls, tokens: Sequence[int] | np.ndarray, order: int = 3, lookup: bool = True) -> NgramDraft:
@@ -101,8 +107,9 @@ class DraftState:
 
     draft: NgramDraft
     tokens: list[int] = field(default_factory=list)
-    # seen[n][context of n tokens] = the token that followed its latest occurrence in this sequence
-    seen: dict[int, dict[tuple[int, ...], int]] = field(default_factory=dict)
+    # seen[context] = the token that followed its latest occurrence in this sequence (contexts of every lookup order:
+    # tuples of different lengths never collide)
+    seen: dict[tuple[int, ...], int] = field(default_factory=dict)
 
     def extend(self, new: Sequence[int]) -> None:
         """Append tokens the target has accepted; index the n-grams they complete (rejected proposals never arrive)."""
@@ -111,15 +118,14 @@ class DraftState:
         if not self.draft.lookup:
             return
         for n in self.draft.lookup_orders:
-            index = self.seen.setdefault(n, {})
             for i in range(max(start, n), len(self.tokens)):
-                index[tuple(self.tokens[i - n : i])] = self.tokens[i]
+                self.seen[tuple(self.tokens[i - n : i])] = self.tokens[i]
 
     def next_token(self, context: list[int]) -> int:
         """The guess after ``context``: from the text so far, else the training counts, else the last token again."""
         if self.draft.lookup:
             for n in self.draft.lookup_orders:
-                guess = self.seen.get(n, {}).get(tuple(context[-n:]))
+                guess = self.seen.get(tuple(context[-n:])) if len(context) >= n else None
                 if guess is not None:
                     return guess
         for n in range(len(self.draft.tables), 0, -1):
@@ -130,7 +136,7 @@ class DraftState:
 
     def propose(self, k: int) -> list[int]:
         """k tokens, each conditioned on the committed tokens and the proposals before it."""
-        width = max(max(self.draft.lookup_orders), len(self.draft.tables))  # the longest context any lookup reads
+        width = self.draft.width
         context = self.tokens[-width:]
         out = []
         for _ in range(k):
